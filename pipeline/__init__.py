@@ -1,0 +1,1 @@
+"""synops-pipeline: SynOps-regularised training and accuracy-vs-SynOps Pareto fronts."""

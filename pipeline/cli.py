@@ -1,0 +1,118 @@
+"""`synops` command line: parse and validate, then call the stages. No pipeline logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pipeline.config import ConfigError, ExperimentConfig, load_config, parse_override
+
+# Named flags of `synops train` and the config keys they set.
+TRAIN_FLAGS = {
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "penalty": "train.penalty",
+    "penalty_weight": "train.penalty_weight",
+    "target": "train.target_synops",
+    "seed": "train.seed",
+    "device": "device",
+}
+
+
+def _resolve_config(path: str, assignments: tuple[str, ...], flags: dict[str, Any]) -> ExperimentConfig:
+    """Load the config with `--set` overrides and named flags (which win); bad input exits 2."""
+    try:
+        overrides = dict(parse_override(a) for a in assignments)
+        overrides |= {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
+        return load_config(path, overrides)
+    except ConfigError as err:
+        raise click.UsageError(f"invalid config: {err}") from None
+
+
+def _fail_cleanly(command: Callable) -> Callable:
+    """Turn the pipeline's expected errors into a one-line message and exit status 1."""
+    from pipeline.data import DataError
+    from pipeline.train import DivergedError
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (DataError, DivergedError, FileNotFoundError) as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.secho("interrupted: finished work is kept, the running run is marked KILLED",
+                        fg="yellow", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+config_option = click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False),
+    help="Experiment TOML, e.g. experiments/mnist.toml.",
+)
+set_option = click.option(
+    "--set", "assignments", multiple=True, metavar="KEY=VALUE",
+    help="Override any config value, e.g. --set train.epochs=3 (repeatable).",
+)
+tracking_option = click.option(
+    "--tracking-uri", default=None,
+    help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db].",
+)
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars; log lines only.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train networks that need fewer synaptic operations and trace the accuracy-vs-SynOps front."""
+
+
+@main.command()
+@config_option
+@set_option
+@_fail_cleanly
+def data(config_path: str, assignments: tuple[str, ...]) -> None:
+    """Fetch and verify the config's dataset (torchvision, else the offline sources)."""
+    from pipeline.data import prepare_raw_files
+
+    config = _resolve_config(config_path, assignments, {})
+    folder = prepare_raw_files(config.data)
+    click.echo(f"{config.data.dataset}: raw files ready and verified in {folder}")
+
+
+@main.command()
+@config_option
+@set_option
+@tracking_option
+@click.option("--epochs", type=click.IntRange(min=0), default=None, help="train.epochs")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="train.batch_size")
+@click.option("--lr", type=float, default=None, help="train.lr")
+@click.option("--penalty", type=click.Choice(["none", "mse", "hinge"]), default=None,
+              help="train.penalty")
+@click.option("--penalty-weight", type=float, default=None, help="train.penalty_weight")
+@click.option("--target", type=float, default=None, help="train.target_synops")
+@click.option("--seed", type=int, default=None, help="train.seed")
+@click.option("--device", default=None, help="cpu or cuda[:N]")
+@quiet_option
+@_fail_cleanly
+def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
+          quiet: bool, **flags: Any) -> None:
+    """Train one config (warm-started from its base model if it has [pretrain]); log to MLflow."""
+    from pipeline.experiment import run_experiment
+    from pipeline.tracking import resolve_tracking_uri
+
+    config = _resolve_config(config_path, assignments, flags)
+    uri = resolve_tracking_uri(tracking_uri)
+    result = run_experiment(config, uri, progress=not quiet)
+    click.echo(
+        f"{config.name}: test accuracy {result.test.accuracy:.2%} at "
+        f"{result.test.synops_mean:.3g} SynOps/sample (val {result.val.accuracy:.2%} at "
+        f"{result.val.synops_mean:.3g}); {result.seconds:.0f} s; MLflow run {result.run_id} in {uri}"
+    )

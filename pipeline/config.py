@@ -1,0 +1,292 @@
+"""Experiment configuration: TOML files under `experiments/` read into validated dataclasses.
+
+Every table maps to a dataclass; unknown keys, wrong types and out-of-range values raise
+`ConfigError` naming the offending key, so a broken config is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+PENALTIES = ("none", "mse", "hinge")
+SCHEDULES = ("constant", "cosine", "onecycle")
+DATASETS = ("mnist", "fashion-mnist")
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; `key` is its dotted path, e.g. `train.epochs`."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where its files live, and how the validation split is drawn."""
+
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    root: str = "data"
+    val_size: int = 5000
+    split_seed: int = 0
+    max_train_samples: int = 0
+    max_test_samples: int = 0
+    verify_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}")
+        _require(self.val_size > 0, "data.val_size", "must be > 0")
+        _require(self.max_train_samples >= 0, "data.max_train_samples", "must be >= 0 (0 = all)")
+        _require(self.max_test_samples >= 0, "data.max_test_samples", "must be >= 0 (0 = all)")
+        if self.max_train_samples:
+            _require(
+                self.val_size < self.max_train_samples,
+                "data.val_size",
+                "must be smaller than data.max_train_samples",
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A convolutional net: conv blocks (conv, spiking ReLU, optional sum pooling), then linear."""
+
+    in_channels: int = 1
+    input_size: int = 28
+    channels: list[int] = field(default_factory=lambda: [16, 32, 120])
+    kernel_sizes: list[int] = field(default_factory=lambda: [5, 5, 4])
+    pooling: list[int] = field(default_factory=lambda: [2, 2, 1])
+    hidden_features: list[int] = field(default_factory=list)
+    num_classes: int = 10
+    bias: bool = False
+    init_seed: int = 1
+
+    def __post_init__(self) -> None:
+        n = len(self.channels)
+        _require(n > 0, "model.channels", "needs at least one conv layer")
+        _require(len(self.kernel_sizes) == n, "model.kernel_sizes", f"needs {n} entries")
+        _require(len(self.pooling) == n, "model.pooling", f"needs {n} entries (1 = no pooling)")
+        for key in ("channels", "kernel_sizes", "pooling", "hidden_features"):
+            _require(all(v > 0 for v in getattr(self, key)), f"model.{key}", "must be positive")
+        _require(self.in_channels > 0, "model.in_channels", "must be > 0")
+        _require(self.num_classes > 1, "model.num_classes", "must be > 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage: optimiser, schedule and the SynOps penalty added to the loss."""
+
+    epochs: int = 2
+    batch_size: int = 512
+    lr: float = 1e-3
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    penalty: Literal["none", "mse", "hinge"] = "none"
+    penalty_weight: float = 0.0
+    target_synops: float = 4e7
+    seed: int = 1
+    max_batches: int = 0
+    init_from: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 0, "train.epochs", "must be >= 0")
+        _require(self.batch_size > 0, "train.batch_size", "must be > 0")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
+        _require(self.penalty in PENALTIES, "train.penalty", f"must be one of {PENALTIES}")
+        _require(self.penalty_weight >= 0, "train.penalty_weight", "must be >= 0")
+        _require(self.target_synops > 0, "train.target_synops", "must be > 0")
+        _require(self.max_batches >= 0, "train.max_batches", "must be >= 0 (0 = whole epoch)")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the study varies. Target bounds of 0 mean 'measured': the input-layer floor and the
+    unpenalised base model's SynOps."""
+
+    penalty_weight: list[float] = field(default_factory=lambda: [0.1, 100.0])
+    target_synops: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    penalties: list[str] = field(default_factory=lambda: ["hinge"])
+    epochs: list[int] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for key in ("penalty_weight", "target_synops", "lr"):
+            bounds = getattr(self, key)
+            _require(len(bounds) in (0, 2), f"study.space.{key}", "must be [low, high] or empty")
+            if bounds:
+                _require(bounds[0] <= bounds[1], f"study.space.{key}", "low must be <= high")
+        _require(len(self.penalty_weight) == 2, "study.space.penalty_weight", "needs [low, high]")
+        _require(self.penalty_weight[0] > 0, "study.space.penalty_weight", "must be > 0 (log scale)")
+        _require(len(self.target_synops) == 2, "study.space.target_synops", "needs [low, high]")
+        _require(
+            all(p in PENALTIES[1:] for p in self.penalties) and self.penalties,
+            "study.space.penalties",
+            f"must be a non-empty subset of {PENALTIES[1:]}",
+        )
+        _require(len(self.epochs) in (0, 2), "study.space.epochs", "must be [low, high] or empty")
+        _require(all(e > 0 for e in self.epochs), "study.space.epochs", "must be positive")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The Optuna study that traces the accuracy-vs-SynOps front."""
+
+    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
+    n_trials: int = 24
+    seed: int = 0
+    grid_points: int = 4
+    reference_trial: bool = True
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+    def __post_init__(self) -> None:
+        _require(self.sampler in SAMPLERS, "study.sampler", f"must be one of {SAMPLERS}")
+        _require(self.n_trials > 0, "study.n_trials", "must be > 0")
+        _require(self.grid_points > 1, "study.grid_points", "must be > 1")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the Pareto report states: SynOps budgets to quote the best accuracy within."""
+
+    budgets: list[float] = field(default_factory=lambda: [1.5e7, 2e7, 3e7, 4e7])
+
+    def __post_init__(self) -> None:
+        _require(all(b > 0 for b in self.budgets), "report.budgets", "must be positive")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. `pretrain`, when set, trains an unpenalised base model that `train`
+    fine-tunes; the study's trials all fine-tune from it."""
+
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "name", "must not be empty")
+        _require(
+            self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "must be 'cpu' or 'cuda[:N]'",
+        )
+        if self.pretrain is not None:
+            _require(self.pretrain.penalty == "none", "pretrain.penalty", "must be 'none'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every resolved value, without unset optional tables (TOML has no null)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def base_model_key(self) -> str:
+        """Hash of what determines the unpenalised base model: data, model and pretraining."""
+        parts = {"data": self.data, "model": self.model, "pretrain": self.pretrain}
+        payload = json.dumps({k: dataclasses.asdict(v) for k, v in parts.items()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a dataclass field's annotation; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        _require(value in allowed, key, f"must be one of {allowed}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _check_type(value, options[0], key)
+    if origin is list:
+        _require(isinstance(value, list), key, f"must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(annotation)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        _require(isinstance(value, dict), key, "must be a table")
+        return _build(annotation, value, key)
+    if annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _require(ok, key, f"must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _require(ok, key, f"must be an integer, got {value!r}")
+        return value
+    _require(isinstance(value, annotation), key, f"must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        path = f"{prefix}.{key}" if prefix else key
+        _require(key in names, path, f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {
+        key: _check_type(value, hints[key], f"{prefix}.{key}" if prefix else key)
+        for key, value in values.items()
+    }
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(prefix or "config", str(err)) from None
+
+
+def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    *tables, leaf = dotted.split(".")
+    node = values
+    for table in tables:
+        node = node.setdefault(table, {})
+        _require(isinstance(node, dict), dotted, f"{table} is not a table")
+    node[leaf] = value
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """Parse `key.path=value`, reading the value as TOML (so 3, 1e-3, true, [1, 2] keep their type)
+    and falling back to a plain string."""
+    key, sep, raw = assignment.partition("=")
+    _require(bool(sep) and bool(key.strip()), assignment, "override must look like key.path=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a TOML experiment config, apply dotted-key overrides, and validate everything."""
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("config", f"no such file: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("config", f"{path} is not valid TOML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(values, dotted, value)
+    return _build(ExperimentConfig, values, "")
+
+
+def replace_train(config: ExperimentConfig, **changes: Any) -> ExperimentConfig:
+    """A copy of `config` whose fine-tuning stage has `changes` applied (validated again)."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))

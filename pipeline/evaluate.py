@@ -1,0 +1,106 @@
+"""Evaluation stage: accuracy (torchmetrics) and SynOps per sample over a whole split, and energy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from pipeline.data import Split, batches
+from pipeline.synops import SynOpsCounter
+
+
+@dataclass(frozen=True)
+class ChipProfile:
+    """Energy one synaptic operation costs on a chip, with where the figure comes from."""
+
+    picojoules_per_synop: float
+    source: str
+
+
+_SENECA_TABLE = "Tang et al. 2023, SENECA, Frontiers in Neuroscience, Table 3"
+CHIP_PROFILES: dict[str, ChipProfile] = {
+    "loihi": ChipProfile(23.6, _SENECA_TABLE),
+    "truenorth": ChipProfile(2.5, _SENECA_TABLE),
+    "tianjic": ChipProfile(1.54, _SENECA_TABLE),
+    "odin": ChipProfile(12.7, _SENECA_TABLE),
+    "reckon": ChipProfile(5.3, _SENECA_TABLE),
+    "spinnaker": ChipProfile(45.0, _SENECA_TABLE),
+    "spinnaker2": ChipProfile(10.0, _SENECA_TABLE),
+    "seneca": ChipProfile(2.8, _SENECA_TABLE),
+}
+# For comparison: one 32-bit float MAC at 45 nm (Horowitz, ISSCC 2014).
+FLOAT32_MAC_PICOJOULES = 4.6
+
+
+def energy_per_sample(synops: float) -> dict[str, float]:
+    """Microjoules per sample on each chip profile for a network needing `synops` per sample."""
+    return {chip: synops * p.picojoules_per_synop * 1e-6 for chip, p in CHIP_PROFILES.items()}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Accuracy and the distribution of per-sample SynOps over one split."""
+
+    accuracy: float
+    samples: int
+    synops_mean: float = float("nan")
+    synops_p50: float = float("nan")
+    synops_p95: float = float("nan")
+    synops_max: float = float("nan")
+    synops_per_layer: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Flat metric names as logged: `<prefix>_accuracy`, `<prefix>_synops_mean`, ...,
+        and `<prefix>_synops_<layer>` for each layer."""
+        values = {
+            "accuracy": self.accuracy,
+            "synops_mean": self.synops_mean,
+            "synops_p50": self.synops_p50,
+            "synops_p95": self.synops_p95,
+            "synops_max": self.synops_max,
+        }
+        values |= {f"synops_{name}": v for name, v in self.synops_per_layer.items()}
+        return {f"{prefix}_{key}": float(v) for key, v in values.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, split: Split, batch_size: int = 1000, with_synops: bool = True
+) -> Evaluation:
+    """Accuracy of `model` on `split` and, unless `with_synops` is False, its SynOps per sample
+    over every sample (not one batch): mean, median, 95th percentile, max and per-layer means."""
+    model.eval()
+    num_classes = None
+    per_sample: list[torch.Tensor] = []
+    layer_sums: dict[str, torch.Tensor] = {}
+    accuracy = None
+    with SynOpsCounter(model) as counter:
+        for images, labels in batches(split, batch_size):
+            logits = model(images)
+            if accuracy is None:
+                num_classes = logits.shape[1]
+                accuracy = MulticlassAccuracy(num_classes, average="micro").to(logits.device)
+            accuracy.update(logits.argmax(1), labels)
+            if with_synops:
+                per_sample.append(counter.per_sample)
+                for name, mean in counter.per_layer.items():
+                    layer_sums[name] = layer_sums.get(name, 0) + mean * len(labels)
+    if accuracy is None:
+        raise ValueError("cannot evaluate on an empty split")
+    result = Evaluation(accuracy=accuracy.compute().item(), samples=len(split))
+    if not with_synops:
+        return result
+    synops = torch.cat(per_sample).double()
+    quantiles = torch.quantile(synops, torch.tensor([0.5, 0.95], dtype=synops.dtype, device=synops.device))
+    return Evaluation(
+        accuracy=result.accuracy,
+        samples=result.samples,
+        synops_mean=synops.mean().item(),
+        synops_p50=quantiles[0].item(),
+        synops_p95=quantiles[1].item(),
+        synops_max=synops.max().item(),
+        synops_per_layer={name: (s / len(split)).item() for name, s in layer_sums.items()},
+    )

@@ -1,0 +1,49 @@
+"""Layers that make an ANN behave like a spiking network: integer spike counts and sum pooling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _FloorReLU(torch.autograd.Function):
+    """relu(x).floor() forward; relu's gradient (a straight-through estimator) backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        passes = x > 0
+        ctx.save_for_backward(passes)
+        return x.floor().clamp_(min=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (passes,) = ctx.saved_tensors
+        return grad_output * passes
+
+
+class NeuromorphicReLU(nn.Module):
+    """ReLU whose output is a whole number of spikes: floor in the forward pass, straight-through back.
+
+    The floor models an integrate-and-fire neuron that emits one spike per unit of potential, so the
+    output counts the spikes the layer would send in a spiking network.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FloorReLU.apply(x)
+
+
+class SumPool2d(nn.Module):
+    """Pooling by summing each window: spikes are added, not averaged, as on a neuromorphic chip."""
+
+    def __init__(self, kernel_size: int, stride: int | None = None) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride or kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window = self.kernel_size * self.kernel_size
+        return F.avg_pool2d(x, self.kernel_size, self.stride) * window
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"

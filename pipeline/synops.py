@@ -1,0 +1,113 @@
+"""Count synaptic operations (SynOps): spikes a weight layer receives times each input's fan-out.
+
+The count follows sinabs 3.1.3's `register_synops_hooks` numerically, but hooks layers at any depth
+of the module tree (sinabs only sees the top level of a flat `nn.Sequential`) and also keeps the
+per-sample totals that evaluation needs for percentiles.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+COUNTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def counted_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the layers whose SynOps are counted, in module order."""
+    return [name for name, m in model.named_modules() if isinstance(m, COUNTED_LAYERS)]
+
+
+def fan_out_map(layer: nn.Module, input_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Number of output elements that read each element of one sample's input (shape `input_shape`).
+
+    It is the gradient of the summed output with respect to the input when every weight is one,
+    so padding, stride, dilation, groups and padding modes are all accounted for exactly.
+    """
+    weight = layer.weight
+    probe = torch.zeros((1, *input_shape), device=weight.device, requires_grad=True)
+    params = {"weight": torch.ones_like(weight, dtype=probe.dtype)}
+    if getattr(layer, "bias", None) is not None:
+        params["bias"] = torch.zeros_like(layer.bias, dtype=probe.dtype)
+    with torch.enable_grad():
+        functional_call(layer, params, (probe,)).sum().backward()
+    return probe.grad[0].detach()
+
+
+class SynOpsCounter:
+    """Context manager that hooks every conv and linear layer of `model` and counts its SynOps.
+
+    After each forward pass inside the context, `total` is the mean SynOps per sample (a 0-d tensor
+    that stays in the autograd graph, so it can be penalised in the loss), `per_layer` maps each
+    layer's qualified name to its mean, and `per_sample` holds each sample's total.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        modules = dict(model.named_modules())
+        self._layers = {name: modules[name] for name in counted_layer_names(model)}
+        self._fan_out_cache: dict[tuple, torch.Tensor] = {}
+        self._per_sample_by_layer: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._probing = False  # True while fan_out_map runs a layer, so the hook must not count
+
+    def __enter__(self) -> SynOpsCounter:
+        self._handles.append(self.model.register_forward_pre_hook(self._reset))
+        for name, layer in self._layers.items():
+            self._handles.append(layer.register_forward_pre_hook(self._hook_for(name)))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _reset(self, module: nn.Module, args: tuple) -> None:
+        self._per_sample_by_layer = {}
+
+    def _fan_out(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = self._layers[name]
+        key = (name, tuple(x.shape[1:]), x.device, x.dtype, layer.weight.shape)
+        if key not in self._fan_out_cache:
+            self._probing = True
+            try:
+                self._fan_out_cache[key] = fan_out_map(layer, x.shape[1:]).to(x.dtype).flatten()
+            finally:
+                self._probing = False
+        return self._fan_out_cache[key]
+
+    def _hook_for(self, name: str):
+        def count(module: nn.Module, args: tuple) -> None:
+            if self._probing:
+                return
+            x = args[0]
+            per_sample = x.reshape(x.shape[0], -1) @ self._fan_out(name, x)
+            previous = self._per_sample_by_layer.get(name)
+            self._per_sample_by_layer[name] = per_sample if previous is None else previous + per_sample
+
+        return count
+
+    @property
+    def per_layer(self) -> dict[str, torch.Tensor]:
+        """Mean SynOps per sample of each counted layer in the last forward pass, by qualified name."""
+        return {name: s.mean() for name, s in self._per_sample_by_layer.items()}
+
+    @property
+    def per_sample(self) -> torch.Tensor:
+        """Total SynOps of each sample in the last forward pass, shape (batch,)."""
+        if not self._per_sample_by_layer:
+            raise RuntimeError("no forward pass has run inside the SynOpsCounter context")
+        return torch.stack(list(self._per_sample_by_layer.values())).sum(0)
+
+    @property
+    def total(self) -> torch.Tensor:
+        """Mean SynOps per sample in the last forward pass: a differentiable 0-d tensor."""
+        return self.per_sample.mean()

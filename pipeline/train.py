@@ -1,0 +1,157 @@
+"""Training stage: cross-entropy plus a penalty on the SynOps the network would need as an SNN."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import TrainConfig
+from pipeline.data import Dataset, batches
+from pipeline.evaluate import evaluate
+from pipeline.synops import SynOpsCounter
+
+# The tutorial divides its squared-error penalty by this scale (SynOps are ~1e7..1e8).
+MSE_SCALE = 1e7
+
+
+class DivergedError(RuntimeError):
+    """The training loss stopped being finite; the run cannot go on."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Means over one epoch's training steps, and the validation accuracy after it."""
+
+    epoch: int
+    loss: float
+    task_loss: float
+    penalty_loss: float
+    train_accuracy: float
+    train_synops: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainHistory:
+    """Per-step and per-epoch records of one training stage, for curves and logs."""
+
+    step_task_loss: list[float] = field(default_factory=list)
+    step_penalty_loss: list[float] = field(default_factory=list)
+    step_synops: list[float] = field(default_factory=list)
+    epochs: list[EpochStats] = field(default_factory=list)
+
+
+def synops_penalty(synops: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The SynOps term of the loss.
+
+    `mse` is the tutorial's `weight * (S - T)^2 / 1e7`: symmetric, so it also pushes SynOps up
+    towards the target. `hinge` is one-sided, `weight * (relu(S - T) / T)^2`: zero below target.
+    """
+    if config.penalty == "mse":
+        return config.penalty_weight * (synops - config.target_synops) ** 2 / MSE_SCALE
+    if config.penalty == "hinge":
+        excess = torch.relu(synops - config.target_synops) / config.target_synops
+        return config.penalty_weight * excess**2
+    return torch.zeros((), device=synops.device)
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=max(total_steps, 1)
+        )
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+
+
+def steps_per_epoch(train_size: int, config: TrainConfig) -> int:
+    steps = math.ceil(train_size / config.batch_size)
+    return min(steps, config.max_batches) if config.max_batches else steps
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    progress: bool = True,
+) -> TrainHistory:
+    """Train `model` in place on `dataset.train` and return its history.
+
+    `dataset` must already be on the model's device. Raises `DivergedError` as soon as the loss
+    is NaN or infinite, so the caller can record the failure instead of a meaningless model.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    per_epoch = steps_per_epoch(len(dataset.train), config)
+    scheduler = _scheduler(optimizer, config, per_epoch * config.epochs)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    history = TrainHistory()
+    with SynOpsCounter(model) as counter:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            started = time.perf_counter()
+            sums = torch.zeros(5, dtype=torch.float64)  # task, penalty, correct, synops, samples
+            bar = tqdm(
+                batches(dataset.train, config.batch_size, shuffle),
+                total=per_epoch,
+                desc=f"epoch {epoch}/{config.epochs}",
+                disable=not progress,
+                leave=False,
+            )
+            for step, (images, labels) in enumerate(bar):
+                if step == per_epoch:
+                    break
+                logits = model(images)
+                synops = counter.total
+                task_loss = F.cross_entropy(logits, labels)
+                penalty = synops_penalty(synops, config)
+                loss = task_loss + penalty
+                values = torch.stack(
+                    [task_loss, penalty, (logits.argmax(1) == labels).sum(), synops]
+                ).detach().double().cpu().tolist()
+                if not math.isfinite(values[0] + values[1]):
+                    raise DivergedError(
+                        f"loss became {values[0] + values[1]} at epoch {epoch}, step {step + 1} "
+                        f"(task {values[0]:.4g}, penalty {values[1]:.4g})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                n = len(labels)
+                sums += torch.tensor([values[0] * n, values[1] * n, values[2], values[3] * n, n])
+                history.step_task_loss.append(values[0])
+                history.step_penalty_loss.append(values[1])
+                history.step_synops.append(values[3])
+                bar.set_postfix(
+                    loss=f"{(sums[0] + sums[1]).item() / sums[4].item():.3f}",
+                    acc=f"{sums[2].item() / sums[4].item():.3f}",
+                    synops=f"{values[3]:.3g}",
+                )
+            bar.close()
+            task, penalty, correct, synops_sum, samples = (sums / sums[4].clamp(min=1)).tolist()
+            stats = EpochStats(
+                epoch=epoch,
+                loss=task + penalty,
+                task_loss=task,
+                penalty_loss=penalty,
+                train_accuracy=correct,
+                train_synops=synops_sum,
+                val_accuracy=evaluate(model, dataset.val, with_synops=False).accuracy,
+                seconds=time.perf_counter() - started,
+            )
+            history.epochs.append(stats)
+            if on_epoch is not None:
+                on_epoch(stats)
+    return history
