@@ -1,0 +1,44 @@
+# synops-pipeline: every target bootstraps .venv from pyproject.toml when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= experiments/mnist.toml
+TRACKING_URI ?= sqlite:///mlruns/mlflow.db
+
+.PHONY: install test lint data train sweep report bench ui clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import pipeline, torch, torchvision, mlflow, optuna, sinabs"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create or refresh .venv
+
+test: $(STAMP)  ## the test suite (generated data, plus one short run on real MNIST)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests
+
+data: $(STAMP)  ## fetch and verify the dataset of $(CONFIG)
+	$(BIN)/synops data --config $(CONFIG)
+
+train: $(STAMP)  ## one tracked training run of $(CONFIG)
+	$(BIN)/synops train --config $(CONFIG)
+
+sweep: $(STAMP)  ## the Optuna study of $(CONFIG): the accuracy-vs-SynOps front
+	$(BIN)/synops sweep --config $(CONFIG)
+
+report: $(STAMP)  ## Pareto-front report of the study of $(CONFIG) in reports/
+	$(BIN)/synops report --config $(CONFIG)
+
+bench: $(STAMP)  ## training-step speed vs the tutorial's loop, and the counter's overhead
+	$(BIN)/synops bench
+
+ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1
+
+clean:
+	rm -rf reports .pytest_cache .ruff_cache

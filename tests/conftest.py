@@ -1,0 +1,57 @@
+"""Shared fixtures: a small generated dataset in MNIST's IDX layout and temporary tracking stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data import _write_idx
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def make_idx_dataset(root: Path, train: int = 600, test: int = 200, seed: int = 0) -> Path:
+    """Write a learnable 10-class toy dataset as MNIST IDX files under `root/MNIST/raw`.
+
+    Class k lights a 6x6 block at a class-specific place, plus sparse noise, so a small net can
+    learn it in a few steps and SynOps vary with the input.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "MNIST" / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) < 0.05).astype(np.uint8) * rng.integers(0, 120, (n, 28, 28))
+        for i, k in enumerate(labels):
+            r, c = 2 + 6 * (k // 4), 2 + 6 * (k % 4)
+            images[i, r : r + 6, c : c + 6] = 255
+        return images.astype(np.uint8), labels
+
+    _write_idx(folder, "train", *draw(train))
+    _write_idx(folder, "t10k", *draw(test))
+    return root
+
+
+@pytest.fixture(scope="session")
+def idx_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root folder of the generated dataset (shared, read-only by convention)."""
+    return make_idx_dataset(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    """A fresh SQLite MLflow store in a temporary folder."""
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def smoke_overrides(idx_root: Path) -> dict[str, object]:
+    """Overrides that point experiments/smoke.toml at the generated dataset."""
+    return {
+        "data.root": str(idx_root),
+        "data.verify_checksums": False,
+        "data.max_train_samples": 0,
+        "data.val_size": 100,
+    }

@@ -1,0 +1,87 @@
+"""Configs: every shipped file loads, bad values are refused naming the key, overrides apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config, parse_override
+from tests.conftest import EXPERIMENTS
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path: Path, tmp_path: Path) -> None:
+    config = load_config(path)
+    written = tmp_path / "resolved.toml"
+    written.write_text(config.to_toml())
+    assert load_config(written) == config
+
+
+def test_seed_config_is_the_tutorial_recipe() -> None:
+    config = load_config(EXPERIMENTS / "seed.toml")
+    assert config.pretrain is None
+    train = config.train
+    assert (train.epochs, train.batch_size, train.lr, train.schedule) == (2, 512, 1e-3, "constant")
+    assert (train.penalty, train.penalty_weight, train.target_synops, train.seed) == ("mse", 1e-5, 4e7, 1)
+    assert config.model.channels == [16, 32, 120] and not config.model.bias
+
+
+BAD_VALUES = {
+    "train.epochs": -1,
+    "train.target_synops": 0,
+    "train.penalty": "l1",
+    "train.lr": "fast",
+    "train.batch_size": 1.5,
+    "data.val_size": 0,
+    "model.channels": [16, -32, 120],
+    "study.sampler": "cmaes",
+    "study.space.penalty_weight": [10.0, 1.0],
+    "train.momentum": 0.9,
+}
+
+
+@pytest.mark.parametrize("key", BAD_VALUES)
+def test_bad_values_are_refused_naming_the_key(key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(EXPERIMENTS / "mnist.toml", {key: BAD_VALUES[key]})
+    assert info.value.key == key
+
+
+def test_broken_toml_and_missing_file_are_config_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = 'x'\n[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_overrides_keep_toml_types() -> None:
+    assert parse_override("train.lr=3e-4") == ("train.lr", 3e-4)
+    assert parse_override("model.channels=[8, 16, 32]") == ("model.channels", [8, 16, 32])
+    assert parse_override("train.penalty=hinge") == ("train.penalty", "hinge")
+    config = load_config(EXPERIMENTS / "seed.toml", dict([parse_override("train.epochs=5")]))
+    assert config.train.epochs == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--epochs", "-2"],
+        ["--set", "train.target_synops=-1"],
+        ["--set", "train.penalty=l1"],
+        ["--set", "train.bogus=1"],
+        ["--penalty", "l1"],
+    ],
+)
+def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--config", str(EXPERIMENTS / "seed.toml"), *args])
+    assert result.exit_code == 2, result.output
+    assert "Error" in result.output
+    assert list(tmp_path.iterdir()) == []

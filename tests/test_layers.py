@@ -1,0 +1,29 @@
+"""NeuromorphicReLU and SumPool2d against sinabs' layers of the same name."""
+
+from __future__ import annotations
+
+import sinabs.layers as sl
+import torch
+
+from pipeline.layers import NeuromorphicReLU, SumPool2d
+
+
+def test_neuromorphic_relu_floors_forward_and_passes_relu_gradient_back() -> None:
+    x = torch.randn(4, 3, 5, 5) * 3
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = NeuromorphicReLU()(ours)
+    expected = sl.NeuromorphicReLU(quantize=True, fanout=1, stochastic_rounding=False)(ref)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out, torch.relu(x).floor())
+    grad = torch.randn_like(x)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(ours.grad, ref.grad)
+    torch.testing.assert_close(ours.grad, grad * (x > 0))
+
+
+def test_sum_pool_adds_each_window() -> None:
+    x = torch.randint(0, 5, (2, 3, 8, 8)).float()
+    torch.testing.assert_close(SumPool2d(2)(x), sl.SumPool2d(2)(x))
+    assert SumPool2d(2)(torch.ones(1, 1, 4, 4)).eq(4).all()
+    assert SumPool2d(3, stride=1)(x).shape == (2, 3, 6, 6)

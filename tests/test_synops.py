@@ -1,0 +1,129 @@
+"""The SynOps counter against sinabs 3.1.3 (the reference implementation) and on nested models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from sinabs.hooks import register_synops_hooks
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.layers import NeuromorphicReLU, SumPool2d
+from pipeline.model import build_model
+from pipeline.synops import SynOpsCounter, fan_out_map
+
+
+def spikes(*shape: int) -> torch.Tensor:
+    return torch.randint(0, 4, shape).float()
+
+
+FLAT_MODELS = {
+    "padding_stride": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2, padding=1), NeuromorphicReLU(),
+            nn.Conv2d(4, 6, 3, padding=2), NeuromorphicReLU(),
+            nn.Flatten(), nn.Linear(6 * 10 * 10, 5),
+        ),
+        (3, 2, 16, 16),
+    ),
+    "dilation_groups": (
+        lambda: nn.Sequential(
+            nn.Conv2d(4, 8, 3, dilation=2, groups=2), NeuromorphicReLU(),
+            nn.Conv2d(8, 8, (3, 2), stride=(2, 1), groups=4, padding=(1, 0)), NeuromorphicReLU(),
+            nn.Flatten(), nn.Linear(8 * 6 * 11, 7), NeuromorphicReLU(), nn.Linear(7, 3),
+        ),
+        (5, 4, 16, 16),
+    ),
+    "stride_skips_rows": (
+        lambda: nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), NeuromorphicReLU(), nn.Conv2d(3, 2, 2)),
+        (2, 1, 6, 6),
+    ),
+    "tutorial_net": (lambda: build_model(ModelConfig()), (4, 1, 28, 28)),
+}
+
+
+@pytest.mark.parametrize("name", FLAT_MODELS)
+def test_matches_sinabs_on_flat_sequential(name: str) -> None:
+    make, shape = FLAT_MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    x = spikes(*shape) * 30
+    reference = make()
+    reference.load_state_dict(model.state_dict())
+    register_synops_hooks(reference)
+    reference(x)
+    expected = reference.hook_data["synops_per_timestep"]
+
+    with SynOpsCounter(model) as counter:
+        model(x)
+    assert set(counter.per_layer) == {str(i) for i in expected}
+    for index, value in expected.items():
+        torch.testing.assert_close(counter.per_layer[str(index)], value.float(), rtol=1e-6, atol=0)
+    total = reference.hook_data["total_synops_per_timestep"]
+    torch.testing.assert_close(counter.total, total.float(), rtol=1e-6, atol=0)
+
+
+def test_fan_out_of_a_strided_conv_matches_the_documented_example() -> None:
+    fan_out = fan_out_map(nn.Conv2d(1, 1, 3, stride=2), (1, 6, 6))
+    assert fan_out[0, 0].tolist() == [1, 1, 2, 1, 1, 0]
+    assert fan_out[0, :, 0].tolist() == [1, 1, 2, 1, 1, 0]
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.act = NeuromorphicReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+def test_counts_layers_at_any_depth_like_the_flattened_model() -> None:
+    torch.manual_seed(0)
+    nested = nn.Sequential(Block(), nn.Sequential(SumPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)))
+    twin = copy.deepcopy(nested)
+    flat = nn.Sequential(twin[0].conv, twin[0].act, *twin[1])
+    x = spikes(3, 1, 8, 8)
+    with SynOpsCounter(nested) as deep, SynOpsCounter(flat) as shallow:
+        nested(x)
+        flat(x)
+    assert list(deep.per_layer) == ["0.conv", "1.2"]
+    torch.testing.assert_close(deep.total, shallow.total)
+    torch.testing.assert_close(deep.per_sample, shallow.per_sample)
+    assert deep.per_sample.shape == (3,)
+    torch.testing.assert_close(deep.per_sample.mean(), deep.total)
+
+
+def test_total_is_differentiable_and_resets_each_forward_pass() -> None:
+    model = build_model(ModelConfig())
+    with SynOpsCounter(model) as counter:
+        model(spikes(2, 1, 28, 28) * 50)
+        first = counter.total.item()
+        model(torch.zeros(2, 1, 28, 28))
+        assert counter.total.item() == 0.0
+        model(spikes(2, 1, 28, 28) * 50)
+        counter.total.backward()
+    assert first > 0
+    assert model[3].weight.grad is not None and model[3].weight.grad.abs().sum() > 0
+
+
+def test_fan_out_maps_are_computed_once_per_layer_and_shape() -> None:
+    model = build_model(ModelConfig())
+    with SynOpsCounter(model) as counter:
+        for batch in (2, 5, 2):
+            model(spikes(batch, 1, 28, 28))
+        assert len(counter._fan_out_cache) == 4
+        model(spikes(2, 1, 32, 32)[:, :, :28, :28].contiguous())
+        assert len(counter._fan_out_cache) == 4
+
+
+def test_hooks_are_removed_on_exit() -> None:
+    model = build_model(ModelConfig())
+    with SynOpsCounter(model) as counter:
+        model(spikes(1, 1, 28, 28))
+    model(torch.zeros(1, 1, 28, 28))
+    assert counter.total.item() > 0
+    assert all(not m._forward_pre_hooks for m in model.modules())

@@ -1,0 +1,122 @@
+"""Training and tracking: penalties, divergence, and `synops train` runs in a real MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import TrainConfig, load_config
+from pipeline.data import load_dataset
+from pipeline.evaluate import evaluate
+from pipeline.model import build_model
+from pipeline.train import DivergedError, synops_penalty, train
+from tests.conftest import EXPERIMENTS, smoke_overrides
+
+FINAL_METRICS = {
+    "val_accuracy", "val_synops_mean", "test_accuracy", "test_synops_mean", "test_synops_p50",
+    "test_synops_p95", "test_synops_max", "test_synops_0", "test_synops_3", "test_synops_6",
+    "test_synops_9", "test_energy_uj_loihi",
+}
+
+
+def test_mse_penalty_is_the_tutorials_and_symmetric() -> None:
+    config = TrainConfig(penalty="mse", penalty_weight=1e-5, target_synops=4e7)
+    above, below = torch.tensor(5e7), torch.tensor(3e7)
+    expected = 1e-5 * torch.nn.functional.mse_loss(above, torch.tensor(4e7)) / 1e7
+    torch.testing.assert_close(synops_penalty(above, config), expected)
+    torch.testing.assert_close(synops_penalty(below, config), expected)
+
+
+def test_hinge_penalty_is_one_sided_and_relative() -> None:
+    config = TrainConfig(penalty="hinge", penalty_weight=2.0, target_synops=4e7)
+    assert synops_penalty(torch.tensor(3e7), config).item() == 0.0
+    torch.testing.assert_close(synops_penalty(torch.tensor(6e7), config), torch.tensor(2.0 * 0.5**2))
+
+
+def smoke_config(idx_root: Path, **extra: object):
+    return load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(idx_root) | extra)
+
+
+def test_the_penalty_lowers_the_synops_above_the_input_floor(idx_root: Path) -> None:
+    config = smoke_config(idx_root)
+    data = load_dataset(config.data)
+
+    def trainable_synops(train_config: TrainConfig) -> float:
+        model = build_model(config.model)
+        train(model, data, train_config, progress=False)
+        result = evaluate(model, data.val)
+        return result.synops_mean - result.synops_per_layer["0"]
+
+    free = trainable_synops(TrainConfig(epochs=5, batch_size=64, lr=3e-3))
+    penalised = trainable_synops(
+        TrainConfig(epochs=5, batch_size=64, lr=3e-3, penalty="hinge", penalty_weight=1.0,
+                    target_synops=1e5)
+    )
+    assert penalised < 0.5 * free
+
+
+def test_a_diverging_loss_raises(idx_root: Path) -> None:
+    config = smoke_config(idx_root)
+    data = load_dataset(config.data)
+    diverging = TrainConfig(epochs=1, batch_size=64, penalty="hinge",
+                            penalty_weight=float("inf"), target_synops=1.0)
+    with pytest.raises(DivergedError, match="loss became"):
+        train(build_model(config.model), data, diverging, progress=False)
+
+
+def run_cli(*args: str) -> object:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def smoke_args(idx_root: Path, uri: str) -> list[str]:
+    sets = [f"--set={k}={v!r}".replace("'", '"').replace("False", "false")
+            for k, v in smoke_overrides(idx_root).items()]
+    return ["--config", str(EXPERIMENTS / "smoke.toml"), "--tracking-uri", uri, "--quiet", *sets]
+
+
+def test_train_logs_a_complete_run_and_reuses_the_base_model(idx_root: Path, tracking_uri: str) -> None:
+    result = run_cli("train", *smoke_args(idx_root, tracking_uri))
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "smoke"]
+    runs = client.search_runs([experiment.experiment_id])
+    roles = sorted(r.data.tags["synops.role"] for r in runs)
+    assert roles == ["base", "train"]
+    run = next(r for r in runs if r.data.tags["synops.role"] == "train")
+    base = next(r for r in runs if r.data.tags["synops.role"] == "base")
+    assert run.data.tags["synops.base_run_id"] == base.info.run_id
+    assert FINAL_METRICS <= set(run.data.metrics)
+    assert run.data.params["train.penalty"] == "hinge"
+    assert run.data.params["data.max_train_samples"] == "0"
+    history = client.get_metric_history(run.info.run_id, "epoch_val_accuracy")
+    assert [m.step for m in history] == [1]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.toml", "curves.png", "model"} <= artifacts
+    state_path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="model/state_dict.pt", tracking_uri=tracking_uri
+    )
+    state = torch.load(state_path, weights_only=True)
+    build_model(load_config(EXPERIMENTS / "smoke.toml").model).load_state_dict(state)
+
+    again = run_cli("train", *smoke_args(idx_root, tracking_uri), "--penalty-weight", "3")
+    assert again.exit_code == 0, again.output
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["synops.role"] for r in runs) == ["base", "train", "train"]
+
+
+def test_a_diverging_run_is_recorded_as_failed(idx_root: Path, tracking_uri: str) -> None:
+    result = run_cli("train", *smoke_args(idx_root, tracking_uri), "--set=pretrain.epochs=0",
+                     "--set=train.penalty_weight=inf")
+    assert result.exit_code == 1
+    assert "loss became" in result.output
+    client = MlflowClient(tracking_uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "smoke"]
+    failed = [r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "FAILED"]
+    assert len(failed) == 1
+    assert "DivergedError" in failed[0].data.tags["synops.failure_reason"]
