@@ -116,3 +116,31 @@ def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
         f"{result.test.synops_mean:.3g} SynOps/sample (val {result.val.accuracy:.2%} at "
         f"{result.val.synops_mean:.3g}); {result.seconds:.0f} s; MLflow run {result.run_id} in {uri}"
     )
+
+
+@main.command()
+@click.option("--config", "config_path", default="experiments/seed.toml", show_default=True,
+              type=click.Path(dir_okay=False), help="Model, data and penalty to benchmark.")
+@set_option
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Alternating rounds; medians are reported.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_fail_cleanly
+def bench(config_path: str, assignments: tuple[str, ...], rounds: int, as_json: bool) -> None:
+    """Epoch time vs the tutorial's loop, and the SynOps counter's overhead."""
+    from pipeline.bench import run_bench, to_json
+
+    config = _resolve_config(config_path, assignments, {})
+    result = run_bench(config, rounds=rounds)
+    if as_json:
+        click.echo(to_json(result))
+        return
+    click.echo(
+        f"epoch: tutorial loop {result.tutorial_epoch_seconds:.1f} s, ours "
+        f"{result.our_epoch_seconds:.1f} s -> speedup {result.speedup_vs_tutorial_loop:.2f}x "
+        f"(per training sample, median of {result.rounds})\n"
+        f"step (batch {result.batch_size}): {result.step_ms_with_counter:.1f} ms with the SynOps "
+        f"counter, {result.step_ms_without_counter:.1f} ms without -> overhead "
+        f"{result.synops_overhead:.3f}\n"
+        f"torch {result.torch_version}, {result.machine}"
+    )

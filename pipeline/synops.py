@@ -73,15 +73,19 @@ class SynOpsCounter:
     def _reset(self, module: nn.Module, args: tuple) -> None:
         self._per_sample_by_layer = {}
 
-    def _fan_out(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _fan_out(self, name: str, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        """The layer's fan-out map for inputs shaped like `x`, flattened in `x`'s memory order."""
         layer = self._layers[name]
-        key = (name, tuple(x.shape[1:]), x.device, x.dtype, layer.weight.shape)
+        key = (name, tuple(x.shape[1:]), x.device, x.dtype, layer.weight.shape, channels_last)
         if key not in self._fan_out_cache:
             self._probing = True
             try:
-                self._fan_out_cache[key] = fan_out_map(layer, x.shape[1:]).to(x.dtype).flatten()
+                fan_out = fan_out_map(layer, x.shape[1:]).to(x.dtype)
             finally:
                 self._probing = False
+            if channels_last:
+                fan_out = fan_out.permute(1, 2, 0)
+            self._fan_out_cache[key] = fan_out.flatten()
         return self._fan_out_cache[key]
 
     def _hook_for(self, name: str):
@@ -89,7 +93,14 @@ class SynOpsCounter:
             if self._probing:
                 return
             x = args[0]
-            per_sample = x.reshape(x.shape[0], -1) @ self._fan_out(name, x)
+            # Read channels-last inputs in their own memory order: no copy on the hot path.
+            channels_last = (
+                x.dim() == 4
+                and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)
+            )
+            flat = x.permute(0, 2, 3, 1) if channels_last else x
+            per_sample = flat.reshape(x.shape[0], -1) @ self._fan_out(name, x, channels_last)
             previous = self._per_sample_by_layer.get(name)
             self._per_sample_by_layer[name] = per_sample if previous is None else previous + per_sample
 

@@ -127,3 +127,16 @@ def test_hooks_are_removed_on_exit() -> None:
     model(torch.zeros(1, 1, 28, 28))
     assert counter.total.item() > 0
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_channels_last_feature_maps_count_the_same() -> None:
+    model = build_model(ModelConfig())
+    reference = nn.Sequential(*[copy.deepcopy(m) for m in model]).to(memory_format=torch.contiguous_format)
+    x = spikes(3, 1, 28, 28) * 40
+    with SynOpsCounter(model) as fast, SynOpsCounter(reference) as plain:
+        model(x)
+        reference(x)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert reference[0].weight.is_contiguous()
+    for name, value in plain.per_layer.items():
+        torch.testing.assert_close(fast.per_layer[name], value, rtol=1e-6, atol=0)
