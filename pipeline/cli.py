@@ -144,3 +144,28 @@ def bench(config_path: str, assignments: tuple[str, ...], rounds: int, as_json: 
         f"{result.synops_overhead:.3f}\n"
         f"torch {result.torch_version}, {result.machine}"
     )
+
+
+@main.command()
+@config_option
+@set_option
+@tracking_option
+@click.option("--storage", default=None,
+              help="Optuna storage URL [default: sqlite:///mlruns/optuna.db]; use "
+                   "postgresql://... to share one study between machines.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this machine (torch threads are split between them).")
+@quiet_option
+@_fail_cleanly
+def sweep(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
+          storage: str | None, workers: int, quiet: bool) -> None:
+    """Run the config's Optuna study up to study.n_trials finished trials (resumes if re-run)."""
+    from pipeline.sweep import resolve_storage, run_sweep
+    from pipeline.tracking import resolve_tracking_uri
+
+    config = _resolve_config(config_path, assignments, {})
+    uri, storage_url = resolve_tracking_uri(tracking_uri), resolve_storage(storage)
+    study = run_sweep(config, storage_url, uri, workers=workers, quiet=quiet, echo=click.echo)
+    front = len(study.best_trials)
+    click.echo(f"{config.name}: {front} trials on the front; study in {storage_url}, runs in {uri}. "
+               f"Next: synops report --config {config_path}")

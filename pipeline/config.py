@@ -115,8 +115,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What the study varies. Target bounds of 0 mean 'measured': the input-layer floor and the
-    unpenalised base model's SynOps."""
+    """What the study varies. `penalty_weight` bounds the penalty strength on the squared relative
+    excess ((S - T) / T)^2; target bounds of 0 mean 'measured': just above the input-layer floor,
+    and the unpenalised base model's SynOps."""
 
     penalty_weight: list[float] = field(default_factory=lambda: [0.1, 100.0])
     target_synops: list[float] = field(default_factory=lambda: [0.0, 0.0])
@@ -151,12 +152,20 @@ class StudyConfig:
     seed: int = 0
     grid_points: int = 4
     reference_trial: bool = True
+    heartbeat_interval: int = 10
+    grace_period: int = 30
     space: SearchSpace = field(default_factory=SearchSpace)
 
     def __post_init__(self) -> None:
         _require(self.sampler in SAMPLERS, "study.sampler", f"must be one of {SAMPLERS}")
         _require(self.n_trials > 0, "study.n_trials", "must be > 0")
         _require(self.grid_points > 1, "study.grid_points", "must be > 1")
+        _require(self.heartbeat_interval > 0, "study.heartbeat_interval", "must be > 0 seconds")
+        _require(
+            self.grace_period > self.heartbeat_interval,
+            "study.grace_period",
+            "must be longer than study.heartbeat_interval",
+        )
 
 
 @dataclass(frozen=True)

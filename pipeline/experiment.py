@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +56,10 @@ def run_tracked(
     init_state: Mapping[str, torch.Tensor] | None = None,
     run_name: str | None = None,
     progress: bool = True,
+    on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train `config.train` as one MLflow run in `experiment`, starting from `init_state` if given.
+    `on_start` receives the run id as soon as the run exists (so a crash can be traced to it).
 
     A run that raises (a diverging loss included) ends FAILED, one interrupted ends KILLED, with the
     reason in the tag `synops.failure_reason`; the exception is re-raised for the caller.
@@ -65,6 +67,8 @@ def run_tracked(
     started = time.perf_counter()
     run = mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=dict(tags))
     try:
+        if on_start is not None:
+            on_start(run.info.run_id)
         mlflow.log_params(tracking.flatten(config.to_dict()))
         mlflow.log_text(config.to_toml(), "config.toml")
         model = build_model(config.model).to(config.device)

@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 import matplotlib
 
 matplotlib.use("Agg")
+# A progress bar per downloaded checkpoint would interleave with the pipeline's own output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import torch  # noqa: E402
