@@ -37,15 +37,18 @@ def _resolve_config(path: str, assignments: tuple[str, ...], flags: dict[str, An
 def _fail_cleanly(command: Callable) -> Callable:
     """Turn the pipeline's expected errors into a one-line message and exit status 1."""
     from pipeline.data import DataError
+    from pipeline.sweep import WorkerError
     from pipeline.train import DivergedError
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (DataError, DivergedError, FileNotFoundError) as err:
+        except (DataError, DivergedError, FileNotFoundError, WorkerError) as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(1)
+        except ConfigError as err:
+            raise click.UsageError(f"invalid config: {err}") from None
         except KeyboardInterrupt:
             click.secho("interrupted: finished work is kept, the running run is marked KILLED",
                         fg="yellow", err=True)
@@ -66,6 +69,10 @@ tracking_option = click.option(
     "--tracking-uri", default=None,
     help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db].",
 )
+storage_option = click.option(
+    "--storage", default=None,
+    help="Optuna storage URL [default: sqlite:///mlruns/optuna.db]; use postgresql://... to "
+         "share one study between machines.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars; log lines only.")
 
 
@@ -150,9 +157,7 @@ def bench(config_path: str, assignments: tuple[str, ...], rounds: int, as_json: 
 @config_option
 @set_option
 @tracking_option
-@click.option("--storage", default=None,
-              help="Optuna storage URL [default: sqlite:///mlruns/optuna.db]; use "
-                   "postgresql://... to share one study between machines.")
+@storage_option
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes on this machine (torch threads are split between them).")
 @quiet_option
@@ -169,3 +174,78 @@ def sweep(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
     front = len(study.best_trials)
     click.echo(f"{config.name}: {front} trials on the front; study in {storage_url}, runs in {uri}. "
                f"Next: synops report --config {config_path}")
+
+
+
+def _load_study(config: ExperimentConfig, storage: str | None, tracking_uri: str | None):
+    """The config's study (read-only use) with MLflow pointed at its tracking store."""
+    import mlflow
+    import optuna
+
+    from pipeline.sweep import resolve_storage
+    from pipeline.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        return optuna.load_study(study_name=config.name, storage=resolve_storage(storage)), uri
+    except KeyError:
+        raise click.ClickException(
+            f"no study named '{config.name}' in {resolve_storage(storage)}: run "
+            "`synops sweep` with this config first") from None
+
+
+@main.command()
+@config_option
+@set_option
+@tracking_option
+@storage_option
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: reports/<study name>].")
+@_fail_cleanly
+def report(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
+           storage: str | None, out: str | None) -> None:
+    """Pareto-front report of the config's study: figures, front.csv, report.md, index.html."""
+    from pathlib import Path
+
+    from pipeline.report import EmptyStudyError, write_report
+
+    config = _resolve_config(config_path, assignments, {})
+    study, uri = _load_study(config, storage, tracking_uri)
+    try:
+        folder = write_report(study, config, Path(out or Path("reports") / config.name), uri)
+    except EmptyStudyError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"report written to {folder}/ (open index.html) and logged to the study's "
+               "MLflow run")
+
+
+@main.command()
+@config_option
+@set_option
+@tracking_option
+@storage_option
+@click.option("--trial", "trial_number", type=click.IntRange(min=0), default=None,
+              help="Trial number to export.")
+@click.option("--knee", is_flag=True, help="Export the front's knee point.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: exports/<study>-trial-<N>].")
+@_fail_cleanly
+def export(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
+           storage: str | None, trial_number: int | None, knee: bool, out: str | None) -> None:
+    """Write one trial's checkpoint, config and a JSON card (accuracy, SynOps, energy)."""
+    from pathlib import Path
+
+    from pipeline.export import export_trial
+    from pipeline.report import EmptyStudyError
+
+    if knee == (trial_number is not None):
+        raise click.UsageError("give exactly one of --trial N or --knee")
+    config = _resolve_config(config_path, assignments, {})
+    study, _ = _load_study(config, storage, tracking_uri)
+    folder = Path(out or Path("exports") / f"{config.name}-{'knee' if knee else trial_number}")
+    try:
+        card = export_trial(study, folder, trial_number)
+    except EmptyStudyError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"exported to {card.parent}/: model.pt, config.toml, card.json")

@@ -244,12 +244,10 @@ def batches(
     """Yield (float spike counts, labels) batches; shuffled when a generator is given."""
     n = len(split)
     if generator is None:
-        order = None
-    else:
-        order = torch.randperm(n, generator=generator).to(split.labels.device)
+        yield from ((split.images[i : i + batch_size].float(), split.labels[i : i + batch_size])
+                    for i in range(0, n, batch_size))
+        return
+    order = torch.randperm(n, generator=generator).to(split.labels.device)
     for start in range(0, n, batch_size):
-        if order is None:
-            index = slice(start, start + batch_size)
-        else:
-            index = order[start : start + batch_size]
+        index = order[start : start + batch_size]
         yield split.images[index].float(), split.labels[index]

@@ -9,6 +9,7 @@ heartbeats turn a trial whose process died into FAIL and retry it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import multiprocessing
@@ -30,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from pipeline import tracking
-from pipeline.config import ExperimentConfig
+from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import load_dataset
 from pipeline.experiment import ensure_base_model, final_metrics, run_tracked
 from pipeline.train import MSE_SCALE
@@ -69,6 +70,10 @@ def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStora
         grace_period=config.study.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
     )
+
+
+class WorkerError(RuntimeError):
+    """A sweep worker process ended with an error."""
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,7 @@ def prepare_study(config: ExperimentConfig, storage_url: str, tracking_uri: str,
         bounds = SearchBounds.from_attrs(study.user_attrs["search_bounds"])
     else:
         if config.pretrain is None:
-            raise ValueError("a sweep fine-tunes a base model: the config needs a [pretrain] table")
+            raise ConfigError("pretrain", "a sweep fine-tunes a base model: add a [pretrain] table")
         dataset = load_dataset(config.data).to(config.device)
         base = ensure_base_model(config, dataset, experiment, progress)
         bounds = resolve_bounds(config, base.run_id, base.input_layer_synops, base.val_synops)
@@ -331,16 +336,20 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
         return config.study.n_trials - _finished_count(study) - len(running)
 
     grid = study.sampler if isinstance(study.sampler, optuna.samplers.GridSampler) else None
-    while open_slots() > 0 and not (grid and grid.is_exhausted(study)):
-        study.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+    while _finished_count(study) < config.study.n_trials and not (grid and grid.is_exhausted(study)):
+        if open_slots() > 0:
+            study.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+            continue
+        # Every open slot is taken by a running trial: wait, in case its worker died and the
+        # heartbeat turns it into a retry this worker should run.
+        time.sleep(config.study.heartbeat_interval)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: str,
                     threads: int) -> None:
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # the parent reports the interruption
         run_worker(config, storage_url, tracking_uri, threads)
-    except KeyboardInterrupt:
-        pass
 
 
 def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, workers: int = 1,
@@ -350,18 +359,20 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
     prepared = prepare_study(config, storage_url, tracking_uri, progress=not quiet)
     study = prepared.study
     threads = max(1, (os.cpu_count() or 1) // workers)
-    already = {t.number for t in study.get_trials(deepcopy=False)
-               if t.state.is_finished()}
+    already = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     bar = tqdm(total=config.study.n_trials, initial=_finished_count(study), desc=config.name,
                unit="trial", disable=quiet)
     client = MlflowClient(tracking_uri)
 
     def report(trial: FrozenTrial) -> None:
-        bar.write(trial_line(trial)) if not quiet else echo(trial_line(trial))
+        if quiet:
+            echo(trial_line(trial))
+            return
+        bar.write(trial_line(trial))
         bar.n = _finished_count(study)
         bar.refresh()
 
-    status = "FINISHED"
+    status = "FAILED"
     try:
         if workers == 1:
             run_worker(config, storage_url, tracking_uri, threads, on_trial=report,
@@ -369,6 +380,7 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
         else:
             _run_processes(config, storage_url, tracking_uri, workers, threads, study, already,
                            report)
+        status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -402,6 +414,10 @@ def _run_processes(config: ExperimentConfig, storage_url: str, tracking_uri: str
             process.join(timeout=30)
         raise
     _report_new(study, already, report)
+    crashed = [p.exitcode for p in processes if p.exitcode != 0]
+    if crashed:
+        raise WorkerError(f"{len(crashed)} of {workers} workers exited with an error "
+                          f"(exit codes {crashed}); finished trials are kept, re-run to continue")
 
 
 def _report_new(study: optuna.Study, already: set[int], report: Callable[[FrozenTrial], None]

@@ -1,0 +1,101 @@
+"""Report and export, rendered from a small real study (a smoke sweep on generated data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.model import build_model
+from pipeline.report import front_table, knee_index
+from pipeline.sweep import prepare_study, run_sweep
+from tests.conftest import EXPERIMENTS, smoke_overrides
+
+
+@pytest.fixture(scope="module")
+def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[str]]:
+    """A finished smoke study with one failed (diverged) trial, and the CLI args that reach it."""
+    folder = tmp_path_factory.mktemp("study")
+    storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
+    overrides = smoke_overrides(idx_root) | {"study.n_trials": 6, "train.max_batches": 0}
+    config = load_config(EXPERIMENTS / "smoke.toml", overrides)
+    prepared = prepare_study(config, storage, tracking, progress=False)
+    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": 1e5, "penalty": "hinge"})
+    run_sweep(config, storage, tracking, quiet=True, echo=lambda line: None)
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]
+    args = ["--config", str(EXPERIMENTS / "smoke.toml"), "--storage", storage,
+            "--tracking-uri", tracking, *sets]
+    return storage, tracking, args
+
+
+def test_report_files_hold_the_front(study_stores: tuple[str, str, list[str]], tmp_path: Path) -> None:
+    storage, tracking, args = study_stores
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", *args, "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="smoke", storage=storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.FAIL,))) == 1
+
+    front = pd.read_csv(out / "front.csv")
+    assert sorted(front["trial"]) == sorted(t.number for t in study.best_trials)
+    assert {"test_synops_p95", "test_synops_0", "test_energy_uj_loihi", "mlflow_run_id"} <= set(front)
+    for name in ("pareto.png", "hypervolume.png", "layers.png"):
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 200
+    page = (out / "pareto.html").read_text()
+    assert (out / "plotly.min.js").is_file() and "cdn.plot.ly" not in page
+    for _, row in front.iterrows():
+        assert f"trial {row['trial']} " in page and row["mlflow_run_id"] in page
+    summary = (out / "report.md").read_text()
+    mlflow.set_tracking_uri(tracking)
+    knee = front_table(study).loc[knee_index(front_table(study))]
+    assert knee["on_front"]
+    assert f"Knee: trial {int(knee['trial'])}" in summary
+    assert "tutorial recipe" in summary and "unpenalised base model" in summary
+    assert "1 failed" in summary
+    assert f"trial {int(knee['trial'])}" in (out / "index.html").read_text()
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    logged = {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(parent, "report")}
+    assert "report/front.csv" in logged and "report/index.html" in logged
+
+
+def test_export_writes_a_loadable_checkpoint_and_card(
+    study_stores: tuple[str, str, list[str]], tmp_path: Path
+) -> None:
+    _, _, args = study_stores
+    out = tmp_path / "knee"
+    result = CliRunner().invoke(main, ["export", *args, "--knee", "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "card.json").read_text())
+    assert card["on_front"] and card["metrics"]["test_synops_mean"] > 0
+    config = load_config(out / "config.toml")
+    build_model(config.model).load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    missing = CliRunner().invoke(main, ["export", *args, "--trial", "999", "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "not a finished trial" in missing.output
+
+
+def test_a_study_without_finished_trials_gets_a_message_and_no_files(
+    idx_root: Path, tmp_path: Path
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="smoke", storage=storage, directions=["maximize", "minimize"])
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, [
+        "report", "--config", str(EXPERIMENTS / "smoke.toml"), "--storage", storage,
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(out)])
+    assert result.exit_code == 1
+    assert "no finished trial" in result.output
+    assert not out.exists()
+    absent = CliRunner().invoke(main, ["report", "--config", str(EXPERIMENTS / "seed.toml"),
+                                       "--storage", storage])
+    assert absent.exit_code == 1 and "no study named 'seed'" in absent.output

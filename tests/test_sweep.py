@@ -1,0 +1,152 @@
+"""The study: real Optuna and MLflow stores in temporary folders, generated data, a tiny net."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.sweep import prepare_study, run_sweep
+from tests.conftest import EXPERIMENTS, smoke_overrides
+
+N_TRIALS = load_config(EXPERIMENTS / "smoke.toml").study.n_trials
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Stores:
+    """An Optuna storage and an MLflow store in one temporary folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.storage = f"sqlite:///{folder / 'optuna.db'}"
+        self.tracking = f"sqlite:///{folder / 'mlflow.db'}"
+
+    def study(self) -> optuna.Study:
+        return optuna.load_study(study_name="smoke", storage=self.storage)
+
+    def runs(self) -> list:
+        client = MlflowClient(self.tracking)
+        experiment = client.get_experiment_by_name("smoke")
+        return client.search_runs([experiment.experiment_id])
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Stores:
+    return Stores(tmp_path)
+
+
+def sweep_args(idx_root: Path, stores: Stores, *extra: str) -> list[str]:
+    sets = [f"--set={k}={str(v).lower() if isinstance(v, bool) else repr(v).replace(chr(39), chr(34))}"
+            for k, v in smoke_overrides(idx_root).items()]
+    return ["sweep", "--config", str(EXPERIMENTS / "smoke.toml"), "--storage", stores.storage,
+            "--tracking-uri", stores.tracking, "--quiet", *sets, *extra]
+
+
+def states(study: optuna.Study) -> list[str]:
+    return sorted(t.state.name for t in study.trials)
+
+
+def test_a_sweep_links_every_trial_to_its_run_and_resumes_without_redoing(
+    idx_root: Path, stores: Stores
+) -> None:
+    result = CliRunner().invoke(main, sweep_args(idx_root, stores), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    study = stores.study()
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == N_TRIALS == len(study.trials)
+    assert sum(1 for t in complete if t.user_attrs.get("reference") == "tutorial") == 1
+    runs = stores.runs()
+    (parent,) = [r for r in runs if r.data.tags["synops.role"] == "study"]
+    assert parent.data.tags["synops.storage"] == stores.storage
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert len(children) == N_TRIALS
+    for trial in complete:
+        child = children[trial.user_attrs["mlflow_run_id"]]
+        assert child.data.tags["trial_number"] == str(trial.number)
+        assert child.info.status == "FINISHED"
+        assert {"test_accuracy", "val_synops_mean", "test_synops_p95"} <= set(child.data.metrics)
+    artifacts = {a.path for a in MlflowClient(stores.tracking).list_artifacts(parent.info.run_id)}
+    assert {"front.csv", "pareto.png"} <= artifacts
+    assert "trial   0" in result.output and "tutorial recipe" in result.output
+
+    again = CliRunner().invoke(main, sweep_args(idx_root, stores), catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert len(stores.study().trials) == N_TRIALS
+    assert len(stores.runs()) == len(runs)
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(
+    idx_root: Path, stores: Stores
+) -> None:
+    config = load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(idx_root))
+    prepared = prepare_study(config, stores.storage, stores.tracking, progress=False)
+    low = prepared.bounds.target_synops[0]
+    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": low, "penalty": "hinge"})
+    study = run_sweep(config, stores.storage, stores.tracking, quiet=True, echo=lambda line: None)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == N_TRIALS
+    (failed,) = study.get_trials(states=(TrialState.FAIL,))
+    assert "DivergedError" in failed.user_attrs["fail_reason"]
+    run = MlflowClient(stores.tracking).get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert "loss became" in run.data.tags["synops.failure_reason"]
+
+
+def cli_process(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def test_a_killed_sweep_resumes_and_marks_the_killed_trial_failed(
+    idx_root: Path, stores: Stores
+) -> None:
+    slow = ["--set=study.heartbeat_interval=1", "--set=study.grace_period=2",
+            "--set=train.max_batches=0", "--set=train.epochs=30"]
+    args = cli_process(sweep_args(idx_root, stores, *slow))
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    victim = None
+    while victim is None and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+        try:
+            running = stores.study().get_trials(states=(TrialState.RUNNING,))
+        except (KeyError, optuna.exceptions.StorageInternalError):
+            continue  # the study is not created yet
+        victim = next((t for t in running if t.number >= 1 and "mlflow_run_id" in t.user_attrs), None)
+    assert victim is not None, "no trial was seen running"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    time.sleep(3)  # let the heartbeat go stale
+
+    subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=400)
+    study = stores.study()
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == N_TRIALS
+    assert study.trials[victim.number].state == TrialState.FAIL
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    killed_run = MlflowClient(stores.tracking).get_run(victim.user_attrs["mlflow_run_id"])
+    assert killed_run.info.status == "KILLED"
+    assert all(r.info.status != "RUNNING" for r in stores.runs())
+
+
+def test_two_workers_finish_exactly_n_trials_with_distinct_params(
+    idx_root: Path, stores: Stores
+) -> None:
+    args = cli_process(sweep_args(idx_root, stores, "--workers", "2",
+                                  "--set=train.max_batches=0", "--set=train.epochs=5"))
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = stores.study()
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == N_TRIALS
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.FAIL))
+    params = [tuple(sorted(t.params.items())) for t in complete if t.params]
+    assert len(set(params)) == len(params) == N_TRIALS - 1
+    assert done.stdout.count("trial ") >= N_TRIALS
