@@ -12,6 +12,7 @@ import html
 import math
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,7 +198,10 @@ def pareto_html(study: optuna.Study, path: Path, marks: Landmarks, knee: pd.Seri
 def hypervolume_png(study: optuna.Study, path: Path, marks: Landmarks) -> tuple[float, float]:
     """Hypervolume of the validation front after each trial; returns the reference point."""
     reference_point = (HYPERVOLUME_ACCURACY_FLOOR, marks.base_val_synops)
-    ax = optuna.visualization.matplotlib.plot_hypervolume_history(study, reference_point)
+    # Optuna's plot sets the ggplot style globally and is marked experimental: contain both.
+    with plt.style.context("default"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = optuna.visualization.matplotlib.plot_hypervolume_history(study, reference_point)
     ax.set_title(f"Hypervolume of the front (validation), reference point: accuracy "
                  f"{reference_point[0]:.0%}, {reference_point[1]:.3g} SynOps (base model)",
                  fontsize=9)
@@ -208,11 +212,13 @@ def hypervolume_png(study: optuna.Study, path: Path, marks: Landmarks) -> tuple[
     return reference_point
 
 
-def layers_png(front: pd.DataFrame, path: Path) -> None:
+def layers_png(front: pd.DataFrame, config: ExperimentConfig, path: Path) -> None:
     """Per-layer test SynOps of each front member, stacked."""
     columns = layer_columns(front)
+    modules = dict(build_model(config.model).named_modules())
     table = front.set_index(front["trial"].map(lambda n: f"trial {n}"))[columns]
-    table.columns = [c.removeprefix("test_synops_") for c in columns]
+    names = [c.removeprefix("test_synops_") for c in columns]
+    table.columns = [f"{n}: {type(modules[n]).__name__}" if n in modules else n for n in names]
     ax = table.plot.bar(stacked=True, figsize=(max(6, 0.6 * len(table) + 2), 4.5), rot=45)
     ax.set(ylabel="mean SynOps per test sample", xlabel="front member (fewest SynOps first)",
            title="Where each front member spends its SynOps, by weight layer")
@@ -229,7 +235,8 @@ def best_within_budgets(frame: pd.DataFrame, budgets: list[float]) -> pd.DataFra
     for budget in budgets:
         fitting = frame[frame["val_synops_mean"] <= budget]
         if fitting.empty:
-            rows.append({"budget": f"{budget:.3g}", "trial": "none fits"})
+            rows.append({"budget": f"{budget:.3g}", "trial": "none fits", "val accuracy": "",
+                         "test accuracy": "", "test SynOps": ""})
             continue
         best = fitting.loc[fitting["val_accuracy"].idxmax()]
         rows.append({"budget": f"{budget:.3g}", "trial": int(best["trial"]),
@@ -393,7 +400,7 @@ def write_report(study: optuna.Study, config: ExperimentConfig, out: Path,
         pareto_png(study, staging / "pareto.png", marks, knee)
         pareto_html(study, staging / "pareto.html", marks, knee)
         reference_point = hypervolume_png(study, staging / "hypervolume.png", marks)
-        layers_png(front, staging / "layers.png")
+        layers_png(front, config, staging / "layers.png")
         columns = ["trial", "kind", *[c for c in PARAM_COLUMNS if c in front],
                    "val_accuracy", "val_synops_mean", "test_accuracy", "test_synops_mean",
                    "test_synops_p95", "test_synops_max", *layer_columns(front),

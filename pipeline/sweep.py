@@ -113,9 +113,14 @@ def resolve_bounds(config: ExperimentConfig, base_run_id: str, floor: float, bas
     )
 
 
-def make_sampler(config: ExperimentConfig, bounds: SearchBounds) -> optuna.samplers.BaseSampler:
-    """The configured sampler; `grid` spans each bound with `grid_points` log-spaced values."""
-    seed, study = config.study.seed, config.study
+def make_sampler(config: ExperimentConfig, bounds: SearchBounds, worker: int = 0
+                 ) -> optuna.samplers.BaseSampler:
+    """The configured sampler; `grid` spans each bound with `grid_points` log-spaced values.
+
+    Worker `i` seeds its sampler with `study.seed + i`: workers with one seed would propose the
+    same parameters. TPE's constant liar keeps parallel workers away from running trials.
+    """
+    seed, study = config.study.seed + worker, config.study
     if study.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if study.sampler == "random":
@@ -136,7 +141,7 @@ def make_sampler(config: ExperimentConfig, bounds: SearchBounds) -> optuna.sampl
         if bounds.lr:
             grid["lr"] = list(bounds.lr)
         return optuna.samplers.GridSampler(grid, seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
 def suggest_train_changes(trial: optuna.Trial, bounds: SearchBounds) -> dict[str, Any]:
@@ -308,9 +313,11 @@ def publish_front(prepared: PreparedStudy) -> None:
 
 
 def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, threads: int,
-               on_trial: Callable[[FrozenTrial], None] | None = None, progress: bool = False) -> None:
+               on_trial: Callable[[FrozenTrial], None] | None = None, progress: bool = False,
+               worker: int = 0) -> None:
     """Run trials until the study has `n_trials` finished ones. Safe to run in several processes
-    (or on several machines sharing one RDB storage and one MLflow server)."""
+    (or on several machines sharing one RDB storage and one MLflow server); `worker` numbers the
+    process on this machine."""
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri)
@@ -318,7 +325,7 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
     bounds_study = optuna.load_study(study_name=config.name, storage=storage)
     bounds = SearchBounds.from_attrs(bounds_study.user_attrs["search_bounds"])
     study = optuna.load_study(study_name=config.name, storage=storage,
-                              sampler=make_sampler(config, bounds))
+                              sampler=make_sampler(config, bounds, worker))
     prepared = PreparedStudy(study, bounds, study.user_attrs["mlflow_parent_run_id"],
                              tracking.experiment_id(config.name, tracking_uri))
     runner = TrialRunner(config, prepared, progress)
@@ -347,9 +354,9 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
 
 
 def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: str,
-                    threads: int) -> None:
+                    threads: int, worker: int) -> None:
     with contextlib.suppress(KeyboardInterrupt):  # the parent reports the interruption
-        run_worker(config, storage_url, tracking_uri, threads)
+        run_worker(config, storage_url, tracking_uri, threads, worker=worker)
 
 
 def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, workers: int = 1,
@@ -398,8 +405,8 @@ def _run_processes(config: ExperimentConfig, storage_url: str, tracking_uri: str
     """Start worker processes and print their trials as they finish, by polling the storage."""
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker_process,
-                                 args=(config, storage_url, tracking_uri, threads))
-                 for _ in range(workers)]
+                                 args=(config, storage_url, tracking_uri, threads, worker))
+                 for worker in range(workers)]
     for process in processes:
         process.start()
     try:
