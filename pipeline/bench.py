@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import platform
@@ -96,25 +97,33 @@ def our_epoch_seconds(config: ExperimentConfig, dataset: Dataset) -> tuple[float
 
 
 def step_seconds(config: ExperimentConfig, dataset: Dataset, counted: bool, steps: int) -> float:
-    """Mean seconds per training step, with the counter and penalty or without either."""
+    """Mean seconds per training step, with the counter and penalty or without either.
+
+    Every timed step starts from the same weights: otherwise the two variants train apart and
+    their step times differ for reasons that have nothing to do with the counter.
+    """
     model = build_model(config.model)
+    start = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     data = list(batches(dataset.train, config.train.batch_size, torch.Generator().manual_seed(0)))
+    timed = 0.0
     with SynOpsCounter(model) if counted else contextlib.nullcontext() as counter:
-        for i in range(steps + 2):
-            if i == 2:  # the first steps warm up allocators and fan-out caches
-                started = time.perf_counter()
+        for i in range(steps + 2):  # the first two steps warm up allocators and fan-out caches
+            model.load_state_dict(start)
             images, labels = data[i % len(data)]
+            started = time.perf_counter()
             loss = F.cross_entropy(model(images), labels)
             if counted:
                 loss = loss + synops_penalty(counter.total, config.train)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return (time.perf_counter() - started) / steps
+            if i >= 2:
+                timed += time.perf_counter() - started
+    return timed / steps
 
 
-def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 30) -> BenchResult:
+def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40) -> BenchResult:
     """Alternate the loops `rounds` times and return the medians. The speedup compares time per
     training sample, since our epoch holds the validation split out of the 60k images."""
     dataset = load_dataset(config.data)
@@ -125,8 +134,8 @@ def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 30) -> Ben
         tutorial.append(tutorial_s)
         ours.append(our_s)
         speedups.append((tutorial_s / tutorial_n) / (our_s / our_n))
-        with_counter.append(step_seconds(config, dataset, True, steps))
-        without.append(step_seconds(config, dataset, False, steps))
+        for counted in (True, False) if len(with_counter) % 2 else (False, True):  # alternate order
+            (with_counter if counted else without).append(step_seconds(config, dataset, counted, steps))
     return BenchResult(
         speedup_vs_tutorial_loop=statistics.median(speedups),
         synops_overhead=statistics.median(w / n for w, n in zip(with_counter, without, strict=True)),

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config, parse_override
+from pipeline.memory import keep_freed_memory
 
 # Named flags of `synops train` and the config keys they set.
 TRAIN_FLAGS = {
@@ -79,6 +80,7 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars; log
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train networks that need fewer synaptic operations and trace the accuracy-vs-SynOps front."""
+    keep_freed_memory()
 
 
 @main.command()
@@ -129,7 +131,7 @@ def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
 @click.option("--config", "config_path", default="experiments/seed.toml", show_default=True,
               type=click.Path(dir_okay=False), help="Model, data and penalty to benchmark.")
 @set_option
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
               help="Alternating rounds; medians are reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fail_cleanly

@@ -34,6 +34,7 @@ from pipeline import tracking
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import load_dataset
 from pipeline.experiment import ensure_base_model, final_metrics, run_tracked
+from pipeline.memory import keep_freed_memory
 from pipeline.train import MSE_SCALE
 
 # Heartbeats and stale-trial retries are marked experimental; they are what we rely on.
@@ -355,6 +356,7 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
 
 def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: str,
                     threads: int, worker: int) -> None:
+    keep_freed_memory()
     with contextlib.suppress(KeyboardInterrupt):  # the parent reports the interruption
         run_worker(config, storage_url, tracking_uri, threads, worker=worker)
 

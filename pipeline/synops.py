@@ -37,6 +37,28 @@ def fan_out_map(layer: nn.Module, input_shape: torch.Size | tuple[int, ...]) -> 
     return probe.grad[0].detach()
 
 
+class _MeanFanOutDot(torch.autograd.Function):
+    """mean over samples of (input . fan-out), given the per-sample dots already computed.
+
+    Hand-written backward: the gradient is the fan-out map / N for every sample, returned as an
+    expanded view instead of a materialised (N, D) outer product. That keeps the penalty's
+    backward to one add into the layer input's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, fan_out: torch.Tensor,  # type: ignore[override]
+                per_sample: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(fan_out)
+        ctx.batch = flat.shape[0]
+        return per_sample.mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (fan_out,) = ctx.saved_tensors
+        grad_flat = (fan_out * (grad / ctx.batch)).expand(ctx.batch, -1)
+        return grad_flat, None, None
+
+
 class SynOpsCounter:
     """Context manager that hooks every conv and linear layer of `model` and counts its SynOps.
 
@@ -51,6 +73,7 @@ class SynOpsCounter:
         self._layers = {name: modules[name] for name in counted_layer_names(model)}
         self._fan_out_cache: dict[tuple, torch.Tensor] = {}
         self._per_sample_by_layer: dict[str, torch.Tensor] = {}
+        self._mean_by_layer: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._probing = False  # True while fan_out_map runs a layer, so the hook must not count
 
@@ -72,6 +95,7 @@ class SynOpsCounter:
 
     def _reset(self, module: nn.Module, args: tuple) -> None:
         self._per_sample_by_layer = {}
+        self._mean_by_layer = {}
 
     def _fan_out(self, name: str, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         """The layer's fan-out map for inputs shaped like `x`, flattened in `x`'s memory order."""
@@ -99,26 +123,38 @@ class SynOpsCounter:
                 and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last)
             )
-            flat = x.permute(0, 2, 3, 1) if channels_last else x
-            per_sample = flat.reshape(x.shape[0], -1) @ self._fan_out(name, x, channels_last)
-            previous = self._per_sample_by_layer.get(name)
-            self._per_sample_by_layer[name] = per_sample if previous is None else previous + per_sample
+            flat = (x.permute(0, 2, 3, 1) if channels_last else x).reshape(x.shape[0], -1)
+            fan_out = self._fan_out(name, x, channels_last)
+            with torch.no_grad():
+                per_sample = flat @ fan_out
+            mean = _MeanFanOutDot.apply(flat, fan_out, per_sample) if x.requires_grad else per_sample.mean()
+            if name in self._mean_by_layer:  # a layer called twice in one forward pass
+                per_sample = per_sample + self._per_sample_by_layer[name]
+                mean = mean + self._mean_by_layer[name]
+            self._per_sample_by_layer[name] = per_sample
+            self._mean_by_layer[name] = mean
 
         return count
 
+    def _require_forward(self) -> None:
+        if not self._mean_by_layer:
+            raise RuntimeError("no forward pass has run inside the SynOpsCounter context")
+
     @property
     def per_layer(self) -> dict[str, torch.Tensor]:
-        """Mean SynOps per sample of each counted layer in the last forward pass, by qualified name."""
-        return {name: s.mean() for name, s in self._per_sample_by_layer.items()}
+        """Mean SynOps per sample of each counted layer in the last forward pass, by qualified
+        name: differentiable 0-d tensors."""
+        return dict(self._mean_by_layer)
 
     @property
     def per_sample(self) -> torch.Tensor:
-        """Total SynOps of each sample in the last forward pass, shape (batch,)."""
-        if not self._per_sample_by_layer:
-            raise RuntimeError("no forward pass has run inside the SynOpsCounter context")
+        """Total SynOps of each sample in the last forward pass, shape (batch,), for statistics
+        (not part of the autograd graph)."""
+        self._require_forward()
         return torch.stack(list(self._per_sample_by_layer.values())).sum(0)
 
     @property
     def total(self) -> torch.Tensor:
         """Mean SynOps per sample in the last forward pass: a differentiable 0-d tensor."""
-        return self.per_sample.mean()
+        self._require_forward()
+        return torch.stack(list(self._mean_by_layer.values())).sum()
