@@ -354,9 +354,20 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
         optuna.storages.fail_stale_trials(study)
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (a scheduler's or `kill`'s stop) like Ctrl-C: the running trial is recorded
+    as failed and its MLflow run as KILLED instead of both being left RUNNING."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: str,
                     threads: int, worker: int) -> None:
     keep_freed_memory()
+    _interrupt_on_sigterm()
     with contextlib.suppress(KeyboardInterrupt):  # the parent reports the interruption
         run_worker(config, storage_url, tracking_uri, threads, worker=worker)
 
@@ -365,6 +376,7 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
               quiet: bool = False, echo: Callable[[str], None] = print) -> optuna.Study:
     """`synops sweep`: prepare the study, run `workers` worker processes until it has `n_trials`
     finished trials, print a line per finished trial, and publish the front to MLflow."""
+    _interrupt_on_sigterm()
     prepared = prepare_study(config, storage_url, tracking_uri, progress=not quiet)
     study = prepared.study
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -418,7 +430,7 @@ def _run_processes(config: ExperimentConfig, storage_url: str, tracking_uri: str
     except KeyboardInterrupt:
         for process in processes:
             if process.is_alive():
-                os.kill(process.pid, signal.SIGINT)
+                process.terminate()  # SIGTERM: the worker records its trial as interrupted
         for process in processes:
             process.join(timeout=30)
         raise
