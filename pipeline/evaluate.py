@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -73,31 +74,29 @@ def evaluate(
     """Accuracy of `model` on `split` and, unless `with_synops` is False, its SynOps per sample
     over every sample (not one batch): mean, median, 95th percentile, max and per-layer means."""
     model.eval()
-    num_classes = None
+    accuracy: MulticlassAccuracy | None = None
     per_sample: list[torch.Tensor] = []
     layer_sums: dict[str, torch.Tensor] = {}
-    accuracy = None
-    with SynOpsCounter(model) as counter:
+    with SynOpsCounter(model) if with_synops else contextlib.nullcontext() as counter:
         for images, labels in batches(split, batch_size):
             logits = model(images)
             if accuracy is None:
-                num_classes = logits.shape[1]
-                accuracy = MulticlassAccuracy(num_classes, average="micro").to(logits.device)
+                accuracy = MulticlassAccuracy(logits.shape[1], average="micro").to(logits.device)
             accuracy.update(logits.argmax(1), labels)
-            if with_synops:
+            if counter is not None:
                 per_sample.append(counter.per_sample)
                 for name, mean in counter.per_layer.items():
                     layer_sums[name] = layer_sums.get(name, 0) + mean * len(labels)
     if accuracy is None:
         raise ValueError("cannot evaluate on an empty split")
-    result = Evaluation(accuracy=accuracy.compute().item(), samples=len(split))
     if not with_synops:
-        return result
+        return Evaluation(accuracy=accuracy.compute().item(), samples=len(split))
     synops = torch.cat(per_sample).double()
-    quantiles = torch.quantile(synops, torch.tensor([0.5, 0.95], dtype=synops.dtype, device=synops.device))
+    levels = torch.tensor([0.5, 0.95], dtype=synops.dtype, device=synops.device)
+    quantiles = torch.quantile(synops, levels)
     return Evaluation(
-        accuracy=result.accuracy,
-        samples=result.samples,
+        accuracy=accuracy.compute().item(),
+        samples=len(split),
         synops_mean=synops.mean().item(),
         synops_p50=quantiles[0].item(),
         synops_p95=quantiles[1].item(),

@@ -323,10 +323,9 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri)
     storage = open_storage(storage_url, config)
-    bounds_study = optuna.load_study(study_name=config.name, storage=storage)
-    bounds = SearchBounds.from_attrs(bounds_study.user_attrs["search_bounds"])
-    study = optuna.load_study(study_name=config.name, storage=storage,
-                              sampler=make_sampler(config, bounds, worker))
+    study = optuna.load_study(study_name=config.name, storage=storage)
+    bounds = SearchBounds.from_attrs(study.user_attrs["search_bounds"])
+    study.sampler = make_sampler(config, bounds, worker)
     prepared = PreparedStudy(study, bounds, study.user_attrs["mlflow_parent_run_id"],
                              tracking.experiment_id(config.name, tracking_uri))
     runner = TrialRunner(config, prepared, progress)
