@@ -115,24 +115,24 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What the study varies. `penalty_weight` bounds the penalty strength on the squared relative
+    """What the study varies. `penalty_strength` bounds the weight on the squared relative
     excess ((S - T) / T)^2; target bounds of 0 mean 'measured': just above the input-layer floor,
     and the unpenalised base model's SynOps."""
 
-    penalty_weight: list[float] = field(default_factory=lambda: [0.1, 100.0])
+    penalty_strength: list[float] = field(default_factory=lambda: [0.3, 100.0])
     target_synops: list[float] = field(default_factory=lambda: [0.0, 0.0])
     penalties: list[str] = field(default_factory=lambda: ["hinge"])
     epochs: list[int] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for key in ("penalty_weight", "target_synops", "lr"):
+        for key in ("penalty_strength", "target_synops", "lr"):
             bounds = getattr(self, key)
             _require(len(bounds) in (0, 2), f"study.space.{key}", "must be [low, high] or empty")
             if bounds:
                 _require(bounds[0] <= bounds[1], f"study.space.{key}", "low must be <= high")
-        _require(len(self.penalty_weight) == 2, "study.space.penalty_weight", "needs [low, high]")
-        _require(self.penalty_weight[0] > 0, "study.space.penalty_weight", "must be > 0 (log scale)")
+        _require(len(self.penalty_strength) == 2, "study.space.penalty_strength", "needs [low, high]")
+        _require(self.penalty_strength[0] > 0, "study.space.penalty_strength", "must be > 0 (log scale)")
         _require(len(self.target_synops) == 2, "study.space.target_synops", "needs [low, high]")
         _require(
             all(p in PENALTIES[1:] for p in self.penalties) and self.penalties,

@@ -81,7 +81,7 @@ class WorkerError(RuntimeError):
 class SearchBounds:
     """The resolved search space, fixed when the study is created and kept in its user attrs."""
 
-    penalty_weight: tuple[float, float]
+    penalty_strength: tuple[float, float]
     target_synops: tuple[float, float]
     penalties: tuple[str, ...]
     epochs: tuple[int, int] | None
@@ -103,7 +103,7 @@ def resolve_bounds(config: ExperimentConfig, base_run_id: str, floor: float, bas
     space = config.study.space
     low, high = space.target_synops
     return SearchBounds(
-        penalty_weight=tuple(space.penalty_weight),
+        penalty_strength=tuple(space.penalty_strength),
         target_synops=(low or floor * FLOOR_MARGIN, high or base_synops),
         penalties=tuple(space.penalties),
         epochs=tuple(space.epochs) if space.epochs else None,
@@ -132,7 +132,7 @@ def make_sampler(config: ExperimentConfig, bounds: SearchBounds, worker: int = 0
             return [low * (high / low) ** (i / steps) for i in range(study.grid_points)]
 
         grid: dict[str, list[Any]] = {
-            "penalty_strength": log_grid(*bounds.penalty_weight),
+            "penalty_strength": log_grid(*bounds.penalty_strength),
             "target_synops": log_grid(*bounds.target_synops),
         }
         if len(bounds.penalties) > 1:
@@ -152,7 +152,7 @@ def suggest_train_changes(trial: optuna.Trial, bounds: SearchBounds) -> dict[str
     shapes, so one range suits both: it is the hinge weight as is, and for `mse` it is converted
     to the tutorial's scale, weight = strength * 1e7 / T^2.
     """
-    strength = trial.suggest_float("penalty_strength", *bounds.penalty_weight, log=True)
+    strength = trial.suggest_float("penalty_strength", *bounds.penalty_strength, log=True)
     target = trial.suggest_float("target_synops", *bounds.target_synops, log=True)
     penalty = (trial.suggest_categorical("penalty", list(bounds.penalties))
                if len(bounds.penalties) > 1 else bounds.penalties[0])

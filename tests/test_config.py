@@ -38,7 +38,7 @@ BAD_VALUES = {
     "data.val_size": 0,
     "model.channels": [16, -32, 120],
     "study.sampler": "cmaes",
-    "study.space.penalty_weight": [10.0, 1.0],
+    "study.space.penalty_strength": [10.0, 1.0],
     "train.momentum": 0.9,
 }
 

@@ -178,3 +178,17 @@ def test_two_workers_finish_exactly_n_trials_with_distinct_params(
     params = [tuple(sorted(t.params.items())) for t in complete if t.params]
     assert len(set(params)) == len(params) == N_TRIALS - 1
     assert done.stdout.count("trial ") >= N_TRIALS
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "random", "grid"])
+def test_every_sampler_runs_a_study(sampler: str, idx_root: Path, stores: Stores) -> None:
+    overrides = smoke_overrides(idx_root) | {"study.sampler": sampler, "study.n_trials": 3,
+                                             "study.grid_points": 2}
+    config = load_config(EXPERIMENTS / "smoke.toml", overrides)
+    study = run_sweep(config, stores.storage, stores.tracking, quiet=True, echo=lambda line: None)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 3
+    tried = [t.params for t in complete if t.params]
+    assert len({tuple(sorted(p.items())) for p in tried}) == len(tried) == 2
+    if sampler == "grid":
+        assert all(p["penalty_strength"] in (0.3, pytest.approx(30.0)) for p in tried)
