@@ -29,6 +29,7 @@ from optuna.trial import TrialState  # noqa: E402
 from pipeline.config import ExperimentConfig  # noqa: E402
 from pipeline.evaluate import CHIP_PROFILES  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
+from pipeline.sweep import ATTR_METRICS, ATTR_REFERENCE, ATTR_RUN_ID, ATTR_SECONDS  # noqa: E402
 from pipeline.synops import counted_layer_names  # noqa: E402
 
 PARAM_COLUMNS = ("penalty", "penalty_strength", "target_synops", "epochs", "lr")
@@ -49,11 +50,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         attrs = trial.user_attrs
         rows.append({
             "trial": trial.number,
-            "kind": "reference" if attrs.get("reference") else "trial",
+            "kind": "reference" if attrs.get(ATTR_REFERENCE) else "trial",
             **{k: trial.params.get(k) for k in PARAM_COLUMNS},
-            **attrs.get("metrics", {}),
-            "seconds": attrs.get("seconds"),
-            "mlflow_run_id": attrs.get("mlflow_run_id"),
+            **attrs.get(ATTR_METRICS, {}),
+            "seconds": attrs.get(ATTR_SECONDS),
+            "mlflow_run_id": attrs.get(ATTR_RUN_ID),
             "on_front": trial.number in front,
         })
     frame = pd.DataFrame(rows)
@@ -266,7 +267,7 @@ def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "senec
 def _duration(study: optuna.Study) -> tuple[dt.timedelta, float]:
     finished = [t for t in study.trials if t.datetime_complete and t.datetime_start]
     wall = max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)
-    training = sum(t.user_attrs.get("seconds", 0.0) for t in finished)
+    training = sum(t.user_attrs.get(ATTR_SECONDS, 0.0) for t in finished)
     return wall, training
 
 

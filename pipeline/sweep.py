@@ -18,7 +18,7 @@ import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,8 @@ ATTR_REFERENCE = "reference"
 ATTR_RUN_ID = "mlflow_run_id"
 ATTR_FAILURE = "fail_reason"
 ATTR_METRICS = "metrics"
+ATTR_SECONDS = "seconds"
+ATTR_SURPLUS = "surplus"
 
 
 def resolve_storage(explicit: str | None = None) -> str:
@@ -251,7 +253,7 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         if self._is_surplus(trial):
-            trial.set_user_attr("surplus", True)
+            trial.set_user_attr(ATTR_SURPLUS, True)
             raise optuna.TrialPruned("the study already has n_trials trials")
         reference = trial.user_attrs.get(ATTR_REFERENCE) == "tutorial"
         if reference:
@@ -278,7 +280,7 @@ class TrialRunner:
             trial.set_user_attr(ATTR_FAILURE, f"{type(err).__name__}: {err}"[:2000])
             raise
         trial.set_user_attr(ATTR_METRICS, final_metrics(result.val, result.test))
-        trial.set_user_attr("seconds", result.seconds)
+        trial.set_user_attr(ATTR_SECONDS, result.seconds)
         return result.val.accuracy, result.val.synops_mean
 
 
@@ -295,7 +297,7 @@ def trial_line(trial: FrozenTrial) -> str:
     m = trial.user_attrs[ATTR_METRICS]
     return (f"trial {trial.number:3d} | {params} | val {m['val_accuracy']:.2%} "
             f"{m['val_synops_mean']:.3g} | test {m['test_accuracy']:.2%} "
-            f"{m['test_synops_mean']:.3g} | {trial.user_attrs.get('seconds', math.nan):.0f} s")
+            f"{m['test_synops_mean']:.3g} | {trial.user_attrs.get(ATTR_SECONDS, math.nan):.0f} s")
 
 
 def publish_front(prepared: PreparedStudy) -> None:
@@ -331,7 +333,7 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
     runner = TrialRunner(config, prepared, progress)
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.user_attrs.get("surplus"):
+        if trial.user_attrs.get(ATTR_SURPLUS):
             return
         if trial.state == TrialState.COMPLETE:
             publish_front(prepared)
@@ -353,21 +355,26 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
         optuna.storages.fail_stale_trials(study)
 
 
-def _interrupt_on_sigterm() -> None:
-    """Treat SIGTERM (a scheduler's or `kill`'s stop) like Ctrl-C: the running trial is recorded
-    as failed and its MLflow run as KILLED instead of both being left RUNNING."""
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """Treat SIGTERM (a scheduler's or `kill`'s stop) like Ctrl-C while inside: the running trial
+    is recorded as failed and its MLflow run as KILLED instead of both being left RUNNING."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: str,
                     threads: int, worker: int) -> None:
     keep_freed_memory()
-    _interrupt_on_sigterm()
-    with contextlib.suppress(KeyboardInterrupt):  # the parent reports the interruption
+    # The parent reports the interruption; the worker only records its trial.
+    with _interrupt_on_sigterm(), contextlib.suppress(KeyboardInterrupt):
         run_worker(config, storage_url, tracking_uri, threads, worker=worker)
 
 
@@ -375,11 +382,16 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
               quiet: bool = False, echo: Callable[[str], None] = print) -> optuna.Study:
     """`synops sweep`: prepare the study, run `workers` worker processes until it has `n_trials`
     finished trials, print a line per finished trial, and publish the front to MLflow."""
-    _interrupt_on_sigterm()
-    prepared = prepare_study(config, storage_url, tracking_uri, progress=not quiet)
+    with _interrupt_on_sigterm():
+        prepared = prepare_study(config, storage_url, tracking_uri, progress=not quiet)
+        return _run_prepared(config, prepared, storage_url, tracking_uri, workers, quiet, echo)
+
+
+def _run_prepared(config: ExperimentConfig, prepared: PreparedStudy, storage_url: str,
+                  tracking_uri: str, workers: int, quiet: bool, echo: Callable[[str], None]
+                  ) -> optuna.Study:
     study = prepared.study
     threads = max(1, (os.cpu_count() or 1) // workers)
-    already = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     bar = tqdm(total=config.study.n_trials, initial=_finished_count(study), desc=config.name,
                unit="trial", disable=quiet)
     client = MlflowClient(tracking_uri)
@@ -398,8 +410,7 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
             run_worker(config, storage_url, tracking_uri, threads, on_trial=report,
                        progress=not quiet)
         else:
-            _run_processes(config, storage_url, tracking_uri, workers, threads, study, already,
-                           report)
+            _run_processes(config, storage_url, tracking_uri, workers, threads, study, report)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -413,9 +424,10 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
 
 
 def _run_processes(config: ExperimentConfig, storage_url: str, tracking_uri: str, workers: int,
-                   threads: int, study: optuna.Study, already: set[int],
-                   report: Callable[[FrozenTrial], None]) -> None:
+                   threads: int, study: optuna.Study, report: Callable[[FrozenTrial], None]
+                   ) -> None:
     """Start worker processes and print their trials as they finish, by polling the storage."""
+    already = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker_process,
                                  args=(config, storage_url, tracking_uri, threads, worker))
@@ -445,5 +457,5 @@ def _report_new(study: optuna.Study, already: set[int], report: Callable[[Frozen
     for trial in study.get_trials(deepcopy=False):
         if trial.state.is_finished() and trial.number not in already:
             already.add(trial.number)
-            if not trial.user_attrs.get("surplus"):
+            if not trial.user_attrs.get(ATTR_SURPLUS):
                 report(trial)

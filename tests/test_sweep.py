@@ -105,8 +105,8 @@ def cli_process(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "pipeline", *args]
 
 
-def start_and_wait_for_a_running_trial(args: list[str], stores: Stores) -> tuple[subprocess.Popen, object]:
-    """Start a sweep process and return it with the first fine-tuning trial seen RUNNING."""
+def start_and_wait_for_a_running_trial(args: list[str], stores: Stores) -> subprocess.Popen:
+    """Start a sweep process and return it once a fine-tuning trial is RUNNING with its run."""
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     deadline = time.monotonic() + 240
@@ -116,24 +116,24 @@ def start_and_wait_for_a_running_trial(args: list[str], stores: Stores) -> tuple
             running = stores.study().get_trials(states=(TrialState.RUNNING,))
         except (KeyError, optuna.exceptions.StorageInternalError):
             continue  # the study is not created yet
-        victim = next((t for t in running if t.number >= 1 and "mlflow_run_id" in t.user_attrs), None)
-        if victim is not None:
-            return process, victim
+        if any(t.number >= 1 and "mlflow_run_id" in t.user_attrs for t in running):
+            return process
     process.kill()
     raise AssertionError(f"no trial was seen running: {process.communicate()[0][-3000:]}")
 
 
 SLOW_TRIALS = ["--set=study.heartbeat_interval=1", "--set=study.grace_period=2",
-               "--set=train.max_batches=0", "--set=train.epochs=40"]
+               "--set=train.max_batches=0", "--set=train.epochs=100"]
 
 
 def test_a_killed_sweep_resumes_and_marks_the_killed_trial_failed(
     idx_root: Path, stores: Stores
 ) -> None:
     args = cli_process(sweep_args(idx_root, stores, *SLOW_TRIALS))
-    process, victim = start_and_wait_for_a_running_trial(args, stores)
+    process = start_and_wait_for_a_running_trial(args, stores)
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
+    (victim,) = stores.study().get_trials(states=(TrialState.RUNNING,))
     time.sleep(3)  # let the heartbeat go stale
 
     subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=400)
@@ -150,14 +150,15 @@ def test_an_interrupted_sweep_records_the_running_trial_and_keeps_finished_work(
     idx_root: Path, stores: Stores
 ) -> None:
     args = cli_process(sweep_args(idx_root, stores, *SLOW_TRIALS))
-    process, victim = start_and_wait_for_a_running_trial(args, stores)
+    process = start_and_wait_for_a_running_trial(args, stores)
     process.send_signal(signal.SIGTERM)  # what Ctrl-C does, as a scheduler would send it
     output = process.communicate(timeout=60)[0]
     assert process.returncode == 130, output[-3000:]
     assert "interrupted" in output
     study = stores.study()
-    trial = study.trials[victim.number]
-    assert trial.state == TrialState.FAIL and "KeyboardInterrupt" in trial.user_attrs["fail_reason"]
+    (victim,) = study.get_trials(states=(TrialState.FAIL,))
+    assert "KeyboardInterrupt" in victim.user_attrs["fail_reason"]
+    assert not study.get_trials(states=(TrialState.RUNNING,))
     assert all(t.state == TrialState.COMPLETE for t in study.trials[: victim.number])
     client = MlflowClient(stores.tracking)
     assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
