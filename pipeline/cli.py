@@ -26,13 +26,16 @@ TRAIN_FLAGS = {
 
 
 def _resolve_config(path: str, assignments: tuple[str, ...], flags: dict[str, Any]) -> ExperimentConfig:
-    """Load the config with `--set` overrides and named flags (which win); bad input exits 2."""
-    try:
-        overrides = dict(parse_override(a) for a in assignments)
-        overrides |= {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
-        return load_config(path, overrides)
-    except ConfigError as err:
-        raise click.UsageError(f"invalid config: {err}") from None
+    """Load the config with `--set` overrides and named flags (which win). A `ConfigError` here
+    becomes exit code 2 through `_fail_cleanly`."""
+    import torch
+
+    overrides = dict(parse_override(a) for a in assignments)
+    overrides |= {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    config = load_config(path, overrides)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"'{config.device}' requested but no CUDA device is available")
+    return config
 
 
 def _fail_cleanly(command: Callable) -> Callable:

@@ -85,3 +85,12 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(
     assert result.exit_code == 2, result.output
     assert "Error" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cli_refuses_cuda_where_there_is_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--config", str(EXPERIMENTS / "seed.toml"),
+                                       "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+    assert list(tmp_path.iterdir()) == []
