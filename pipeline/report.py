@@ -25,6 +25,7 @@ import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
+from torch import nn  # noqa: E402
 
 from pipeline.config import ExperimentConfig  # noqa: E402
 from pipeline.evaluate import CHIP_PROFILES  # noqa: E402
@@ -96,11 +97,11 @@ class Landmarks:
     base_run_id: str
 
 
-def landmarks(study: optuna.Study, config: ExperimentConfig) -> Landmarks:
+def landmarks(study: optuna.Study, model: nn.Module) -> Landmarks:
     """Read the base model's test metrics from its MLflow run (the study records its id)."""
     bounds = study.user_attrs["search_bounds"]
     metrics = mlflow.get_run(bounds["base_run_id"]).data.metrics
-    input_layer = counted_layer_names(build_model(config.model))[0]
+    input_layer = counted_layer_names(model)[0]
     return Landmarks(
         base_accuracy=metrics["test_accuracy"],
         base_synops=metrics["test_synops_mean"],
@@ -213,10 +214,10 @@ def hypervolume_png(study: optuna.Study, path: Path, marks: Landmarks) -> tuple[
     return reference_point
 
 
-def layers_png(front: pd.DataFrame, config: ExperimentConfig, path: Path) -> None:
+def layers_png(front: pd.DataFrame, model: nn.Module, path: Path) -> None:
     """Per-layer test SynOps of each front member, stacked."""
     columns = layer_columns(front)
-    modules = dict(build_model(config.model).named_modules())
+    modules = dict(model.named_modules())
     table = front.set_index(front["trial"].map(lambda n: f"trial {n}"))[columns]
     names = [c.removeprefix("test_synops_") for c in columns]
     table.columns = [f"{n}: {type(modules[n]).__name__}" if n in modules else n for n in names]
@@ -278,20 +279,21 @@ def _comparison(knee: pd.Series, name: str, accuracy: float, synops: float) -> s
             f"{(knee['test_accuracy'] - accuracy) * 100:+.2f} points")
 
 
-def summary_blocks(study: optuna.Study, config: ExperimentConfig, frame: pd.DataFrame,
+def summary_blocks(study: optuna.Study, config: ExperimentConfig, model: nn.Module,
+                   frame: pd.DataFrame,
                    front: pd.DataFrame, knee: pd.Series, marks: Landmarks,
                    reference_point: tuple[float, float], tracking_uri: str) -> list[tuple[str, object]]:
     """The report's content as (kind, value) blocks, rendered to Markdown and HTML alike."""
     counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     wall, training = _duration(study)
-    model = config.model
-    weights = sum(p.numel() for p in build_model(model).parameters())
+    weights = sum(p.numel() for p in model.parameters())
     experiment = mlflow.get_run(knee["mlflow_run_id"]).info.experiment_id
     blocks: list[tuple[str, object]] = [
         ("h1", f"Accuracy vs SynOps: study `{study.study_name}`"),
         ("p", f"Dataset **{config.data.dataset}** (validation: {config.data.val_size} held-out "
-              f"training images; test set only reported). Model: conv channels {model.channels}, "
-              f"kernels {model.kernel_sizes}, sum pooling {model.pooling}, {weights:,} weights. "
+              f"training images; test set only reported). Model: conv channels "
+              f"{config.model.channels}, kernels {config.model.kernel_sizes}, sum pooling "
+              f"{config.model.pooling}, {weights:,} weights. "
               f"Trials: {counts['COMPLETE']} finished, {counts['FAIL']} failed, "
               f"{counts['RUNNING']} running; {wall.total_seconds() / 60:.1f} min wall clock, "
               f"{training / 60:.1f} min of training runs."),
@@ -394,20 +396,21 @@ def write_report(study: optuna.Study, config: ExperimentConfig, out: Path,
                               "run `synops sweep` first (or wait for its first trial)")
     front = front_table(study)
     knee = front.loc[knee_index(front)]
-    marks = landmarks(study, config)
+    model = build_model(config.model)
+    marks = landmarks(study, model)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         pareto_png(study, staging / "pareto.png", marks, knee)
         pareto_html(study, staging / "pareto.html", marks, knee)
         reference_point = hypervolume_png(study, staging / "hypervolume.png", marks)
-        layers_png(front, config, staging / "layers.png")
+        layers_png(front, model, staging / "layers.png")
         columns = ["trial", "kind", *[c for c in PARAM_COLUMNS if c in front],
                    "val_accuracy", "val_synops_mean", "test_accuracy", "test_synops_mean",
                    "test_synops_p95", "test_synops_max", *layer_columns(front),
                    *[c for c in front if c.startswith("test_energy_uj_")], "mlflow_run_id"]
         front[columns].to_csv(staging / "front.csv", index=False)
-        blocks = summary_blocks(study, config, frame, front, knee, marks, reference_point,
+        blocks = summary_blocks(study, config, model, frame, front, knee, marks, reference_point,
                                 tracking_uri)
         (staging / "report.md").write_text(render_markdown(blocks))
         (staging / "index.html").write_text(render_html(blocks, f"{study.study_name} report"))

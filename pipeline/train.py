@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -101,53 +102,52 @@ def train(
         for epoch in range(1, config.epochs + 1):
             model.train()
             started = time.perf_counter()
-            sums = torch.zeros(5, dtype=torch.float64)  # task, penalty, correct, synops, samples
+            task_sum = penalty_sum = correct = synops_sum = samples = 0.0
             bar = tqdm(
-                batches(dataset.train, config.batch_size, shuffle),
+                itertools.islice(batches(dataset.train, config.batch_size, shuffle), per_epoch),
                 total=per_epoch,
                 desc=f"epoch {epoch}/{config.epochs}",
                 disable=not progress,
                 leave=False,
             )
             for step, (images, labels) in enumerate(bar):
-                if step == per_epoch:
-                    break
                 logits = model(images)
                 synops = counter.total
                 task_loss = F.cross_entropy(logits, labels)
                 penalty = synops_penalty(synops, config)
                 loss = task_loss + penalty
-                values = torch.stack(
+                task_value, penalty_value, hits, synops_value = torch.stack(
                     [task_loss, penalty, (logits.argmax(1) == labels).sum(), synops]
                 ).detach().double().cpu().tolist()
-                if not math.isfinite(values[0] + values[1]):
+                if not math.isfinite(task_value + penalty_value):
                     raise DivergedError(
-                        f"loss became {values[0] + values[1]} at epoch {epoch}, step {step + 1} "
-                        f"(task {values[0]:.4g}, penalty {values[1]:.4g})"
+                        f"loss became {task_value + penalty_value} at epoch {epoch}, step {step + 1} "
+                        f"(task {task_value:.4g}, penalty {penalty_value:.4g})"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 n = len(labels)
-                sums += torch.tensor([values[0] * n, values[1] * n, values[2], values[3] * n, n])
-                history.step_task_loss.append(values[0])
-                history.step_penalty_loss.append(values[1])
-                history.step_synops.append(values[3])
-                bar.set_postfix(
-                    loss=f"{(sums[0] + sums[1]).item() / sums[4].item():.3f}",
-                    acc=f"{sums[2].item() / sums[4].item():.3f}",
-                    synops=f"{values[3]:.3g}",
-                )
+                task_sum += task_value * n
+                penalty_sum += penalty_value * n
+                correct += hits
+                synops_sum += synops_value * n
+                samples += n
+                history.step_task_loss.append(task_value)
+                history.step_penalty_loss.append(penalty_value)
+                history.step_synops.append(synops_value)
+                bar.set_postfix(loss=f"{(task_sum + penalty_sum) / samples:.3f}",
+                                acc=f"{correct / samples:.3f}", synops=f"{synops_value:.3g}")
             bar.close()
-            task, penalty, correct, synops_sum, samples = (sums / sums[4].clamp(min=1)).tolist()
+            samples = max(samples, 1.0)
             stats = EpochStats(
                 epoch=epoch,
-                loss=task + penalty,
-                task_loss=task,
-                penalty_loss=penalty,
-                train_accuracy=correct,
-                train_synops=synops_sum,
+                loss=(task_sum + penalty_sum) / samples,
+                task_loss=task_sum / samples,
+                penalty_loss=penalty_sum / samples,
+                train_accuracy=correct / samples,
+                train_synops=synops_sum / samples,
                 val_accuracy=evaluate(model, dataset.val, with_synops=False).accuracy,
                 seconds=time.perf_counter() - started,
             )
