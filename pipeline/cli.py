@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config, parse_override
+from pipeline.interrupt import stop_on_signals
 from pipeline.memory import keep_freed_memory
 
 # Named flags of `synops train` and the config keys they set.
@@ -39,7 +40,8 @@ def _resolve_config(path: str, assignments: tuple[str, ...], flags: dict[str, An
 
 
 def _fail_cleanly(command: Callable) -> Callable:
-    """Turn the pipeline's expected errors into a one-line message and exit status 1."""
+    """Run a command with Ctrl-C and SIGTERM as recorded stops (exit 130), and turn the pipeline's
+    expected errors into a one-line message and exit status 1."""
     from pipeline.data import DataError
     from pipeline.sweep import WorkerError
     from pipeline.train import DivergedError
@@ -47,7 +49,8 @@ def _fail_cleanly(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with stop_on_signals():
+                return command(*args, **kwargs)
         except (DataError, DivergedError, FileNotFoundError, WorkerError) as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(1)

@@ -14,11 +14,10 @@ import dataclasses
 import math
 import multiprocessing
 import os
-import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from pipeline import tracking
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import load_dataset
 from pipeline.experiment import ensure_base_model, final_metrics, run_tracked
+from pipeline.interrupt import raise_if_stop_requested, stop_on_signals
 from pipeline.memory import keep_freed_memory
 from pipeline.train import MSE_SCALE
 
@@ -346,6 +346,7 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
 
     grid = study.sampler if isinstance(study.sampler, optuna.samplers.GridSampler) else None
     while _finished_count(study) < config.study.n_trials and not (grid and grid.is_exhausted(study)):
+        raise_if_stop_requested()
         if open_slots() > 0:
             study.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[after_trial])
             continue
@@ -355,26 +356,11 @@ def run_worker(config: ExperimentConfig, storage_url: str, tracking_uri: str, th
         optuna.storages.fail_stale_trials(study)
 
 
-@contextlib.contextmanager
-def _interrupt_on_sigterm() -> Iterator[None]:
-    """Treat SIGTERM (a scheduler's or `kill`'s stop) like Ctrl-C while inside: the running trial
-    is recorded as failed and its MLflow run as KILLED instead of both being left RUNNING."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: str,
                     threads: int, worker: int) -> None:
     keep_freed_memory()
     # The parent reports the interruption; the worker only records its trial.
-    with _interrupt_on_sigterm(), contextlib.suppress(KeyboardInterrupt):
+    with stop_on_signals(), contextlib.suppress(KeyboardInterrupt):
         run_worker(config, storage_url, tracking_uri, threads, worker=worker)
 
 
@@ -382,9 +368,8 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
               quiet: bool = False, echo: Callable[[str], None] = print) -> optuna.Study:
     """`synops sweep`: prepare the study, run `workers` worker processes until it has `n_trials`
     finished trials, print a line per finished trial, and publish the front to MLflow."""
-    with _interrupt_on_sigterm():
-        prepared = prepare_study(config, storage_url, tracking_uri, progress=not quiet)
-        return _run_prepared(config, prepared, storage_url, tracking_uri, workers, quiet, echo)
+    prepared = prepare_study(config, storage_url, tracking_uri, progress=not quiet)
+    return _run_prepared(config, prepared, storage_url, tracking_uri, workers, quiet, echo)
 
 
 def _run_prepared(config: ExperimentConfig, prepared: PreparedStudy, storage_url: str,
@@ -437,6 +422,7 @@ def _run_processes(config: ExperimentConfig, storage_url: str, tracking_uri: str
     try:
         while any(p.is_alive() for p in processes):
             time.sleep(2)
+            raise_if_stop_requested()
             _report_new(study, already, report)
     except KeyboardInterrupt:
         for process in processes:

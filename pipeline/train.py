@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pipeline.config import TrainConfig
 from pipeline.data import Dataset, batches
 from pipeline.evaluate import evaluate
+from pipeline.interrupt import raise_if_stop_requested
 from pipeline.synops import SynOpsCounter
 
 # The tutorial divides its squared-error penalty by this scale (SynOps are ~1e7..1e8).
@@ -111,6 +112,7 @@ def train(
                 leave=False,
             )
             for step, (images, labels) in enumerate(bar):
+                raise_if_stop_requested()
                 logits = model(images)
                 synops = counter.total
                 task_loss = F.cross_entropy(logits, labels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import mlflow
@@ -14,6 +16,7 @@ from pipeline.cli import main
 from pipeline.config import TrainConfig, load_config
 from pipeline.data import load_dataset
 from pipeline.evaluate import evaluate
+from pipeline.interrupt import stop_on_signals
 from pipeline.model import build_model
 from pipeline.train import DivergedError, synops_penalty, train
 from tests.conftest import EXPERIMENTS, smoke_overrides
@@ -68,6 +71,30 @@ def test_a_diverging_loss_raises(idx_root: Path) -> None:
                             penalty_weight=float("inf"), target_synops=1.0)
     with pytest.raises(DivergedError, match="loss became"):
         train(build_model(config.model), data, diverging, progress=False)
+
+
+class SignalledWhileCollected:
+    """Receives SIGTERM in its finaliser, where Python prints and drops the handler's exception:
+    what happened in CI when the signal landed in a SQLAlchemy weakref callback."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_stop_whose_interrupt_was_swallowed_still_stops_training(
+    idx_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = smoke_config(idx_root)
+    data = load_dataset(config.data)
+    swallowed: list[type[BaseException] | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_type))
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals():
+        SignalledWhileCollected()  # collected at once
+        assert swallowed == [KeyboardInterrupt]
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            train(build_model(config.model), data, TrainConfig(epochs=1), progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def run_cli(*args: str) -> object:
