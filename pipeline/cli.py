@@ -40,8 +40,8 @@ def _resolve_config(path: str, assignments: tuple[str, ...], flags: dict[str, An
 
 
 def _fail_cleanly(command: Callable) -> Callable:
-    """Run a command with Ctrl-C and SIGTERM as recorded stops (exit 130), and turn the pipeline's
-    expected errors into a one-line message and exit status 1."""
+    """Turn the pipeline's expected errors into a one-line message and exit status 1, and an
+    interruption into exit status 130."""
     from pipeline.data import DataError
     from pipeline.sweep import WorkerError
     from pipeline.train import DivergedError
@@ -49,8 +49,7 @@ def _fail_cleanly(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with stop_on_signals():
-                return command(*args, **kwargs)
+            return command(*args, **kwargs)
         except (DataError, DivergedError, FileNotFoundError, WorkerError) as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(1)
@@ -125,7 +124,8 @@ def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
 
     config = _resolve_config(config_path, assignments, flags)
     uri = resolve_tracking_uri(tracking_uri)
-    result = run_experiment(config, uri, progress=not quiet)
+    with stop_on_signals():
+        result = run_experiment(config, uri, progress=not quiet)
     click.echo(
         f"{config.name}: test accuracy {result.test.accuracy:.2%} at "
         f"{result.test.synops_mean:.3g} SynOps/sample (val {result.val.accuracy:.2%} at "
@@ -178,7 +178,8 @@ def sweep(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
 
     config = _resolve_config(config_path, assignments, {})
     uri, storage_url = resolve_tracking_uri(tracking_uri), resolve_storage(storage)
-    study = run_sweep(config, storage_url, uri, workers=workers, quiet=quiet, echo=click.echo)
+    with stop_on_signals():
+        study = run_sweep(config, storage_url, uri, workers=workers, quiet=quiet, echo=click.echo)
     front = len(study.best_trials)
     click.echo(f"{config.name}: {front} trials on the front; study in {storage_url}, runs in {uri}. "
                f"Next: synops report --config {config_path}")

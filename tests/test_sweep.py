@@ -149,7 +149,8 @@ def test_a_killed_sweep_resumes_and_marks_the_killed_trial_failed(
 def test_an_interrupted_sweep_records_the_running_trial_and_keeps_finished_work(
     idx_root: Path, stores: Stores
 ) -> None:
-    args = cli_process(sweep_args(idx_root, stores, *SLOW_TRIALS))
+    # Trials long enough that the signal cannot land after the running trial's last step.
+    args = cli_process(sweep_args(idx_root, stores, *SLOW_TRIALS, "--set=train.epochs=5000"))
     process = start_and_wait_for_a_running_trial(args, stores)
     process.send_signal(signal.SIGTERM)  # what Ctrl-C does, as a scheduler would send it
     output = process.communicate(timeout=60)[0]
