@@ -19,6 +19,7 @@ from pipeline import tracking
 from pipeline.config import ExperimentConfig
 from pipeline.data import Dataset, load_dataset
 from pipeline.evaluate import Evaluation, energy_per_sample, evaluate
+from pipeline.interrupt import shielded
 from pipeline.model import build_model
 from pipeline.synops import counted_layer_names
 from pipeline.train import EpochStats, TrainHistory, train
@@ -82,8 +83,9 @@ def run_tracked(
         tracking.log_curves(history.step_task_loss, history.step_penalty_loss, history.step_synops)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        mlflow.set_tag(tracking.TAG_FAILURE, f"{type(err).__name__}: {err}"[:5000])
-        mlflow.end_run(status=status)
+        with shielded():
+            mlflow.set_tag(tracking.TAG_FAILURE, f"{type(err).__name__}: {err}"[:5000])
+            mlflow.end_run(status=status)
         raise
     mlflow.end_run()
     return RunResult(run.info.run_id, val, test, history, state, time.perf_counter() - started)

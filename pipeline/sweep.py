@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import multiprocessing
 import os
@@ -33,7 +34,7 @@ from pipeline import tracking
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import load_dataset
 from pipeline.experiment import ensure_base_model, final_metrics, run_tracked
-from pipeline.interrupt import raise_if_stop_requested, stop_on_signals
+from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signals
 from pipeline.memory import keep_freed_memory
 from pipeline.train import MSE_SCALE
 
@@ -77,6 +78,18 @@ def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStora
 
 class WorkerError(RuntimeError):
     """A sweep worker process ended with an error."""
+
+
+class _WithoutInterruptTracebacks(logging.Filter):
+    """Optuna logs each failed trial with its traceback; for Ctrl-C that is one screenful per
+    worker of noise, since the CLI reports the interruption and the trial and run record it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
+
+
+_OPTUNA_TRIAL_LOGGER = logging.getLogger("optuna.study._optimize")
+_OPTUNA_TRIAL_LOGGER.addFilter(_WithoutInterruptTracebacks())
 
 
 @dataclass(frozen=True)
@@ -277,7 +290,8 @@ class TrialRunner:
                 on_start=lambda run_id: trial.set_user_attr(ATTR_RUN_ID, run_id),
             )
         except BaseException as err:
-            trial.set_user_attr(ATTR_FAILURE, f"{type(err).__name__}: {err}"[:2000])
+            with shielded():
+                trial.set_user_attr(ATTR_FAILURE, f"{type(err).__name__}: {err}"[:2000])
             raise
         trial.set_user_attr(ATTR_METRICS, final_metrics(result.val, result.test))
         trial.set_user_attr(ATTR_SECONDS, result.seconds)
@@ -360,7 +374,7 @@ def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: st
                     threads: int, worker: int) -> None:
     keep_freed_memory()
     # The parent reports the interruption; the worker only records its trial.
-    with stop_on_signals(), contextlib.suppress(KeyboardInterrupt):
+    with stop_on_signals(repeat_interrupts=False), contextlib.suppress(KeyboardInterrupt):
         run_worker(config, storage_url, tracking_uri, threads, worker=worker)
 
 
@@ -402,9 +416,10 @@ def _run_prepared(config: ExperimentConfig, prepared: PreparedStudy, storage_url
         raise
     finally:
         bar.close()
-        close_orphaned_runs(study, client)
-        publish_front(prepared)
-        client.set_terminated(prepared.parent_run_id, status=status)
+        with shielded():
+            close_orphaned_runs(study, client)
+            publish_front(prepared)
+            client.set_terminated(prepared.parent_run_id, status=status)
     return study
 
 
@@ -430,6 +445,8 @@ def _run_processes(config: ExperimentConfig, storage_url: str, tracking_uri: str
                 process.terminate()  # SIGTERM: the worker records its trial as interrupted
         for process in processes:
             process.join(timeout=30)
+            if process.is_alive():
+                process.kill()  # it did not reach a training step in time; heartbeats retry its trial
         raise
     _report_new(study, already, report)
     crashed = [p.exitcode for p in processes if p.exitcode != 0]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import sys
 from pathlib import Path
 
 import mlflow
@@ -16,7 +14,6 @@ from pipeline.cli import main
 from pipeline.config import TrainConfig, load_config
 from pipeline.data import load_dataset
 from pipeline.evaluate import evaluate
-from pipeline.interrupt import stop_on_signals
 from pipeline.model import build_model
 from pipeline.train import DivergedError, synops_penalty, train
 from tests.conftest import EXPERIMENTS, smoke_overrides
@@ -71,37 +68,6 @@ def test_a_diverging_loss_raises(idx_root: Path) -> None:
                             penalty_weight=float("inf"), target_synops=1.0)
     with pytest.raises(DivergedError, match="loss became"):
         train(build_model(config.model), data, diverging, progress=False)
-
-
-class SignalledWhileCollected:
-    """Receives SIGTERM in its finaliser, where a raising handler's KeyboardInterrupt is printed
-    and dropped by Python: how CI once lost a stop inside a SQLAlchemy weakref callback."""
-
-    def __del__(self) -> None:
-        signal.raise_signal(signal.SIGTERM)
-
-
-def test_a_stop_signal_is_never_lost_and_stops_training_at_the_next_step(
-    idx_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config = smoke_config(idx_root)
-    data = load_dataset(config.data)
-    dropped: list[object] = []
-    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
-    before = signal.getsignal(signal.SIGTERM)
-    with stop_on_signals():
-        SignalledWhileCollected()  # collected at once
-        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-            train(build_model(config.model), data, TrainConfig(epochs=1), progress=False)
-    assert dropped == []
-    assert signal.getsignal(signal.SIGTERM) is before
-
-
-def test_a_second_stop_signal_interrupts_at_once() -> None:
-    with stop_on_signals():
-        signal.raise_signal(signal.SIGINT)
-        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
-            signal.raise_signal(signal.SIGINT)
 
 
 def run_cli(*args: str) -> object:
