@@ -23,7 +23,8 @@ from tests.conftest import EXPERIMENTS, smoke_overrides
 
 @pytest.fixture(scope="module")
 def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[str]]:
-    """A finished smoke study with one failed (diverged) trial, and the CLI args that reach it."""
+    """A smoke study with one failed (diverged) trial and one still running (as if another worker
+    were busy with it), and the CLI args that reach it."""
     folder = tmp_path_factory.mktemp("study")
     storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
     overrides = smoke_overrides(idx_root) | {"study.n_trials": 6, "train.max_batches": 0}
@@ -31,6 +32,7 @@ def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     prepared = prepare_study(config, storage, tracking, progress=False)
     prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": 1e5, "penalty": "hinge"})
     run_sweep(config, storage, tracking, quiet=True, echo=lambda line: None)
+    optuna.load_study(study_name="smoke", storage=storage).ask()
     sets = [f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]
     args = ["--config", str(EXPERIMENTS / "smoke.toml"), "--storage", storage,
             "--tracking-uri", tracking, *sets]
@@ -61,7 +63,7 @@ def test_report_files_hold_the_front(study_stores: tuple[str, str, list[str]], t
     assert knee["on_front"]
     assert f"Knee: trial {int(knee['trial'])}" in summary
     assert "tutorial recipe" in summary and "unpenalised base model" in summary
-    assert "1 failed" in summary
+    assert "1 failed, 1 running" in summary
     assert f"trial {int(knee['trial'])}" in (out / "index.html").read_text()
     parent = study.user_attrs["mlflow_parent_run_id"]
     logged = {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(parent, "report")}
