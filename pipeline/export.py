@@ -22,7 +22,7 @@ def export_trial(study: optuna.Study, out: Path, trial_number: int | None = None
     if frame.empty:
         raise EmptyStudyError(f"study '{study.study_name}' has no finished trial to export")
     if trial_number is None:
-        front = front_table(study)
+        front = front_table(frame)
         trial_number = int(front.loc[knee_index(front), "trial"])
     rows = frame[frame["trial"] == trial_number]
     if rows.empty:

@@ -62,9 +62,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return frame.dropna(axis=1, how="all") if not frame.empty else frame
 
 
-def front_table(study: optuna.Study) -> pd.DataFrame:
-    """The front members, fewest validation SynOps first."""
-    frame = trials_frame(study)
+def front_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The front members of a `trials_frame`, fewest validation SynOps first."""
     if frame.empty:
         return frame
     return frame[frame["on_front"]].sort_values("val_synops_mean").reset_index(drop=True)
@@ -122,11 +121,11 @@ def _marker_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Da
     return frame[~frame["on_front"]], front, frame[frame["kind"] == "reference"]
 
 
-def pareto_png(study: optuna.Study, path: Path, marks: Landmarks | None = None,
+def pareto_png(frame: pd.DataFrame, title: str, path: Path, marks: Landmarks | None = None,
                knee: pd.Series | None = None) -> None:
-    """Test accuracy vs mean test SynOps of every finished trial: the front (chosen on validation)
-    connected, dominated trials faded, the tutorial recipe, base model, floor and knee marked."""
-    frame = trials_frame(study)
+    """Test accuracy vs mean test SynOps of every finished trial (a `trials_frame`): the front
+    (chosen on validation) connected, dominated trials faded, the tutorial recipe, base model,
+    floor and knee marked."""
     dominated, front, reference = _marker_rows(frame)
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.scatter(dominated["test_synops_mean"], dominated["test_accuracy"] * 100, color="0.6",
@@ -146,7 +145,7 @@ def pareto_png(study: optuna.Study, path: Path, marks: Landmarks | None = None,
                    label=f"knee: trial {int(knee['trial'])}")
     ax.set(xscale="log", xlabel="mean SynOps per test sample (log scale)",
            ylabel="test accuracy (%)",
-           title=f"{study.study_name}: accuracy vs SynOps (front chosen on validation)")
+           title=f"{title}: accuracy vs SynOps (front chosen on validation)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="center right", fontsize=8)  # the empty band between the front and the reference
     fig.tight_layout()
@@ -168,9 +167,9 @@ def _hover(rows: pd.DataFrame) -> list[str]:
     return texts
 
 
-def pareto_html(study: optuna.Study, path: Path, marks: Landmarks, knee: pd.Series) -> None:
+def pareto_html(frame: pd.DataFrame, title: str, path: Path, marks: Landmarks,
+                knee: pd.Series) -> None:
     """The Pareto plot as interactive plotly HTML; plotly.js is written next to it (no CDN)."""
-    frame = trials_frame(study)
     dominated, front, reference = _marker_rows(frame)
     fig = go.Figure()
     for rows, name, style in (
@@ -191,7 +190,7 @@ def pareto_html(study: optuna.Study, path: Path, marks: Landmarks, knee: pd.Seri
         marker={"size": 22, "color": "rgba(0,0,0,0)", "line": {"color": "orange", "width": 3}}))
     fig.add_vline(x=marks.floor_synops, line_dash="dash", line_color="gray",
                   annotation_text="input-layer floor")
-    fig.update_layout(title=f"{study.study_name}: accuracy vs SynOps (front chosen on validation)",
+    fig.update_layout(title=f"{title}: accuracy vs SynOps (front chosen on validation)",
                       xaxis={"type": "log", "title": "mean SynOps per test sample"},
                       yaxis={"title": "test accuracy (%)"}, template="plotly_white")
     fig.write_html(path, include_plotlyjs="directory")
@@ -394,15 +393,15 @@ def write_report(study: optuna.Study, config: ExperimentConfig, out: Path,
     if frame.empty:
         raise EmptyStudyError(f"study '{study.study_name}' has no finished trial yet: "
                               "run `synops sweep` first (or wait for its first trial)")
-    front = front_table(study)
+    front = front_table(frame)
     knee = front.loc[knee_index(front)]
     model = build_model(config.model)
     marks = landmarks(study, model)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        pareto_png(study, staging / "pareto.png", marks, knee)
-        pareto_html(study, staging / "pareto.html", marks, knee)
+        pareto_png(frame, study.study_name, staging / "pareto.png", marks, knee)
+        pareto_html(frame, study.study_name, staging / "pareto.html", marks, knee)
         reference_point = hypervolume_png(study, staging / "hypervolume.png", marks)
         layers_png(front, model, staging / "layers.png")
         columns = ["trial", "kind", *[c for c in PARAM_COLUMNS if c in front],

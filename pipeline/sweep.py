@@ -316,15 +316,16 @@ def trial_line(trial: FrozenTrial) -> str:
 
 def publish_front(prepared: PreparedStudy) -> None:
     """Log the current front (front.csv) and Pareto plot to the study's parent MLflow run."""
-    from pipeline.report import front_table, pareto_png
+    from pipeline.report import front_table, pareto_png, trials_frame
 
-    front = front_table(prepared.study)
+    frame = trials_frame(prepared.study)
+    front = front_table(frame)
     if front.empty:
         return
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         front.to_csv(Path(tmp) / "front.csv", index=False)
-        pareto_png(prepared.study, Path(tmp) / "pareto.png")
+        pareto_png(frame, prepared.study.study_name, Path(tmp) / "pareto.png")
         for name in ("front.csv", "pareto.png"):
             client.log_artifact(prepared.parent_run_id, str(Path(tmp) / name))
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.model import build_model
-from pipeline.report import front_table, knee_index
+from pipeline.report import front_table, knee_index, trials_frame
 from pipeline.sweep import prepare_study, run_sweep
 from tests.conftest import EXPERIMENTS, smoke_overrides
 
@@ -59,7 +59,8 @@ def test_report_files_hold_the_front(study_stores: tuple[str, str, list[str]], t
         assert f"trial {row['trial']} " in page and row["mlflow_run_id"] in page
     summary = (out / "report.md").read_text()
     mlflow.set_tracking_uri(tracking)
-    knee = front_table(study).loc[knee_index(front_table(study))]
+    front_members = front_table(trials_frame(study))
+    knee = front_members.loc[knee_index(front_members)]
     assert knee["on_front"]
     assert f"Knee: trial {int(knee['trial'])}" in summary
     assert "tutorial recipe" in summary and "unpenalised base model" in summary
