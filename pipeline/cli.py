@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config, parse_override
-from pipeline.interrupt import stop_on_signals
+from pipeline.interrupt import stop_on_signals, stop_requested
 from pipeline.memory import keep_freed_memory
 
 # Named flags of `synops train` and the config keys they set.
@@ -43,18 +43,29 @@ def _fail_cleanly(command: Callable) -> Callable:
     """Turn the pipeline's expected errors into a one-line message and exit status 1, and an
     interruption into exit status 130."""
     from pipeline.data import DataError
-    from pipeline.sweep import WorkerError
+    from pipeline.export import ExportError
+    from pipeline.front import StudyFormatError
+    from pipeline.report import EmptyStudyError, UnsafeOutputError
+    from pipeline.sweep.storage import StudyNotFoundError
+    from pipeline.sweep.workers import BaseModelUnavailableError, TooManyFailuresError, WorkerError
+    from pipeline.tracking import TrackingError
     from pipeline.train import DivergedError
+
+    failures = (DataError, DivergedError, FileNotFoundError, WorkerError, TooManyFailuresError,
+                BaseModelUnavailableError, TrackingError, StudyNotFoundError, StudyFormatError,
+                EmptyStudyError, ExportError)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (DataError, DivergedError, FileNotFoundError, WorkerError) as err:
+        except failures as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(1)
         except ConfigError as err:
             raise click.UsageError(f"invalid config: {err}") from None
+        except UnsafeOutputError as err:
+            raise click.UsageError(str(err)) from None
         except KeyboardInterrupt:
             click.secho("interrupted: finished work is kept, the running run is marked KILLED",
                         fg="yellow", err=True)
@@ -119,13 +130,13 @@ def data(config_path: str, assignments: tuple[str, ...]) -> None:
 def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
           quiet: bool, **flags: Any) -> None:
     """Train one config (warm-started from its base model if it has [pretrain]); log to MLflow."""
-    from pipeline.experiment import run_experiment
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.run import run_experiment
+    from pipeline.tracking import Tracker, resolve_tracking_uri
 
     config = _resolve_config(config_path, assignments, flags)
     uri = resolve_tracking_uri(tracking_uri)
     with stop_on_signals():
-        result = run_experiment(config, uri, progress=not quiet)
+        result = run_experiment(config, Tracker(uri), progress=not quiet, should_stop=stop_requested)
     click.echo(
         f"{config.name}: test accuracy {result.test.accuracy:.2%} at "
         f"{result.test.synops_mean:.3g} SynOps/sample (val {result.val.accuracy:.2%} at "
@@ -173,7 +184,8 @@ def bench(config_path: str, assignments: tuple[str, ...], rounds: int, as_json: 
 def sweep(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
           storage: str | None, workers: int, quiet: bool) -> None:
     """Run the config's Optuna study up to study.n_trials finished trials (resumes if re-run)."""
-    from pipeline.sweep import resolve_storage, run_sweep
+    from pipeline.sweep.storage import resolve_storage
+    from pipeline.sweep.workers import run_sweep
     from pipeline.tracking import resolve_tracking_uri
 
     config = _resolve_config(config_path, assignments, {})
@@ -186,22 +198,12 @@ def sweep(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
 
 
 
-def _load_study(config: ExperimentConfig, storage: str | None, tracking_uri: str | None):
-    """The config's study (read-only use) with MLflow pointed at its tracking store."""
-    import mlflow
-    import optuna
+def _open_study(config: ExperimentConfig, storage: str | None, tracking_uri: str | None):
+    """The config's study (read-only use) and a tracker on its MLflow store."""
+    from pipeline.sweep.storage import load_study, resolve_storage
+    from pipeline.tracking import Tracker, resolve_tracking_uri
 
-    from pipeline.sweep import resolve_storage
-    from pipeline.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        return optuna.load_study(study_name=config.name, storage=resolve_storage(storage)), uri
-    except KeyError:
-        raise click.ClickException(
-            f"no study named '{config.name}' in {resolve_storage(storage)}: run "
-            "`synops sweep` with this config first") from None
+    return load_study(config.name, resolve_storage(storage)), Tracker(resolve_tracking_uri(tracking_uri))
 
 
 @main.command()
@@ -214,17 +216,15 @@ def _load_study(config: ExperimentConfig, storage: str | None, tracking_uri: str
 @_fail_cleanly
 def report(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
            storage: str | None, out: str | None) -> None:
-    """Pareto-front report of the config's study: figures, front.csv, report.md, index.html."""
+    """Pareto-front report of the config's study: figures, front.csv, report.md, index.html.
+    Everything is read from the study's own record, whatever else the config now says."""
     from pathlib import Path
 
-    from pipeline.report import EmptyStudyError, write_report
+    from pipeline.report import write_report
 
     config = _resolve_config(config_path, assignments, {})
-    study, uri = _load_study(config, storage, tracking_uri)
-    try:
-        folder = write_report(study, config, Path(out or Path("reports") / config.name), uri)
-    except EmptyStudyError as err:
-        raise click.ClickException(str(err)) from None
+    study, tracker = _open_study(config, storage, tracking_uri)
+    folder = write_report(study, Path(out or Path("reports") / config.name), tracker)
     click.echo(f"report written to {folder}/ (open index.html) and logged to the study's "
                "MLflow run")
 
@@ -246,15 +246,11 @@ def export(config_path: str, assignments: tuple[str, ...], tracking_uri: str | N
     from pathlib import Path
 
     from pipeline.export import export_trial
-    from pipeline.report import EmptyStudyError
 
     if knee == (trial_number is not None):
         raise click.UsageError("give exactly one of --trial N or --knee")
     config = _resolve_config(config_path, assignments, {})
-    study, _ = _load_study(config, storage, tracking_uri)
+    study, tracker = _open_study(config, storage, tracking_uri)
     folder = Path(out or Path("exports") / f"{config.name}-{'knee' if knee else trial_number}")
-    try:
-        card = export_trial(study, folder, trial_number)
-    except EmptyStudyError as err:
-        raise click.ClickException(str(err)) from None
+    card = export_trial(study, folder, tracker, trial_number)
     click.echo(f"exported to {card.parent}/: model.pt, config.toml, card.json")

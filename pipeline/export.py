@@ -3,52 +3,64 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-import mlflow
 import optuna
 import torch
 
-from pipeline import tracking
-from pipeline.report import EmptyStudyError, front_table, knee_index, layer_columns, trials_frame
+from pipeline.evaluate import energy_per_sample
+from pipeline.front import TrialRecord, choose_knee, finished_trials, front_table, trials_frame
+from pipeline.tracking import Tracker
 
 
-def export_trial(study: optuna.Study, out: Path, trial_number: int | None = None) -> Path:
+class ExportError(LookupError):
+    """There is no finished trial to export (none yet, or not the one asked for)."""
+
+
+def _chosen(study: optuna.Study, trial_number: int | None) -> tuple[TrialRecord, bool, str]:
+    """The trial to export, whether it is on the front, and why it was chosen."""
+    records = {r.number: r for r in finished_trials(study)}
+    if not records:
+        raise ExportError(f"study '{study.study_name}' has no finished trial to export")
+    front = {t.number for t in study.best_trials}
+    if trial_number is None:
+        members = front_table(trials_frame(study))
+        knee = choose_knee(members)
+        trial_number = int(members.loc[knee.row, "trial"])
+        reason = f"the front's knee ({knee.rule} rule)"
+    else:
+        reason = "asked for by number"
+    if trial_number not in records:
+        finished = ", ".join(str(n) for n in sorted(records))
+        raise ExportError(f"trial {trial_number} is not a finished trial (finished: {finished})")
+    return records[trial_number], trial_number in front, reason
+
+
+def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number: int | None = None
+                 ) -> Path:
     """Write `model.pt` (a state dict), its `config.toml` and `card.json` for trial `trial_number`,
     or for the front's knee when it is None. Returns the card's path."""
-    frame = trials_frame(study)
-    if frame.empty:
-        raise EmptyStudyError(f"study '{study.study_name}' has no finished trial to export")
-    if trial_number is None:
-        front = front_table(frame)
-        trial_number = int(front.loc[knee_index(front), "trial"])
-    rows = frame[frame["trial"] == trial_number]
-    if rows.empty:
-        finished = ", ".join(str(n) for n in frame["trial"])
-        raise EmptyStudyError(f"trial {trial_number} is not a finished trial (finished: {finished})")
-    row = rows.iloc[0]
-    run_id = row["mlflow_run_id"]
+    record, on_front, reason = _chosen(study, trial_number)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(tracking.load_checkpoint(run_id), out / "model.pt")
-    with tempfile.TemporaryDirectory() as tmp:
-        config = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.toml",
-                                                     dst_path=tmp)
-        shutil.copy(config, out / "config.toml")
-    summary = ["val_accuracy", "val_synops_mean", "test_accuracy", "test_synops_mean",
-               "test_synops_p50", "test_synops_p95", "test_synops_max"]
+    torch.save(tracker.load_checkpoint(record.run_id), out / "model.pt")
+    tracker.download(record.run_id, "config.toml", out)
+    test = record.test
     card = {
         "study": study.study_name,
-        "trial": trial_number,
-        "kind": row["kind"],
-        "on_front": bool(row["on_front"]),
-        "mlflow_run_id": run_id,
-        "params": study.trials[trial_number].params,
-        "metrics": {k: float(row[k]) for k in summary},
-        "synops_per_layer": {c.removeprefix("test_synops_"): float(row[c]) for c in layer_columns(frame)},
-        "energy_uj_per_sample": {c.removeprefix("test_energy_uj_"): float(row[c])
-                                 for c in frame if c.startswith("test_energy_uj_")},
+        "trial": record.number,
+        "kind": record.kind,
+        "chosen_as": reason,
+        "on_front": on_front,
+        "mlflow_run_id": record.run_id,
+        "params": record.params,
+        "metrics": {
+            "val_accuracy": record.val.accuracy, "val_synops_mean": record.val.synops_mean,
+            "test_accuracy": test.accuracy, "test_synops_mean": test.synops_mean,
+            "test_synops_p50": test.synops_p50, "test_synops_p95": test.synops_p95,
+            "test_synops_max": test.synops_max,
+        },
+        "synops_per_layer": test.synops_per_layer,
+        "energy_uj_per_sample": energy_per_sample(test.synops_mean),
         "input_encoding": "pixel value 0..255 read as a spike count",
         "activations": "NeuromorphicReLU: floor(relu(x)) spike counts; SumPool2d: window sums",
         "load_with": "pipeline.model.build_model(config.model).load_state_dict("

@@ -34,6 +34,12 @@ def _request_stop(signum: int, frame: object) -> None:
     _requested = _requested or signum
 
 
+def stop_requested() -> bool:
+    """True once a stop signal arrived inside `stop_on_signals()`: the `should_stop` callback
+    that the stages take."""
+    return _requested is not None
+
+
 def raise_if_stop_requested() -> None:
     """Raise KeyboardInterrupt if a stop signal arrived inside `stop_on_signals()`."""
     if _requested is not None:

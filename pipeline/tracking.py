@@ -1,33 +1,46 @@
-"""Tracking: where MLflow runs go and how a pipeline run is written to them.
+"""Tracking: the one module that talks to MLflow.
 
-The default store is SQLite at `mlruns/mlflow.db` with artifacts beside it in `mlruns/artifacts`
-(MLflow's plain file store is deprecated). Runs are logged with the MLflow API directly.
+A `Tracker` is built from a tracking URI and passed to whoever records or reads runs; nothing here
+sets MLflow's process-global URI or uses its "active run", so two stores can be used side by side
+and no run is closed behind the pipeline's back at exit. The default store is SQLite at
+`mlruns/mlflow.db` with artifacts beside it in `mlruns/artifacts` (MLflow's plain file store is
+deprecated).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-# A progress bar per downloaded checkpoint would interleave with the pipeline's own output.
+# A progress bar per downloaded checkpoint would interleave with the pipeline's own output, and
+# MLflow's telemetry thread edits os.environ while `requests` iterates it in the logging thread (a
+# KeyError that kills the run): an offline or private cluster wants telemetry off anyway.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 import torch  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 CHECKPOINT_ARTIFACT = "model/state_dict.pt"
-TAG_ROLE = "synops.role"  # "base", "trial", "study" or "train"
+TAG_ROLE = "synops.role"  # "base", "trial", "reference", "study" or "train"
 TAG_BASE_KEY = "synops.base_model_key"
 TAG_FAILURE = "synops.failure_reason"
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests runs in its UI
+# MLflow 3's UI opens an experiment on its GenAI overview unless it is tagged as model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log-batch call
+
+
+class TrackingError(RuntimeError):
+    """A run or artifact the pipeline needs cannot be read from the tracking store."""
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -36,93 +49,159 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///"))
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
-def init_tracking(uri: str) -> MlflowClient:
-    """Point MLflow at `uri` and create (or migrate) its store now, once, before any worker starts:
-    several processes first touching a fresh SQLite file race on the schema."""
-    db = _sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    client.search_experiments(max_results=1)
-    return client
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
-def experiment_id(name: str, uri: str) -> str:
-    """Id of the MLflow experiment `name`, created if needed. For a SQLite store its artifacts go
-    in `artifacts/` next to the database file."""
-    client = init_tracking(uri)
-    existing = client.get_experiment_by_name(name)
-    if existing is not None:
+class TrackedRun:
+    """One MLflow run being written; ends with `finish()` or `fail()`."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self._client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = _now_ms()
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=items[start : start + MAX_PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_json(self, record: Mapping[str, Any], artifact_file: str) -> None:
+        self._client.log_dict(self.run_id, dict(record), artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_folder(self, folder: Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifacts(self.run_id, str(folder), artifact_path=artifact_path)
+
+    def log_checkpoint(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """A state dict as an artifact (load it with `weights_only=True`); cheaper than
+        `mlflow.pytorch.log_model`, which infers requirements in a subprocess."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
+            torch.save(dict(state_dict), path)
+            self._client.log_artifact(self.run_id, str(path), str(Path(CHECKPOINT_ARTIFACT).parent))
+
+    def finish(self) -> None:
+        self._client.set_terminated(self.run_id, status="FINISHED")
+
+    def fail(self, reason: str, status: str = "FAILED") -> None:
+        """End the run as FAILED (or KILLED) with `reason` in the tag `synops.failure_reason`."""
+        self._client.set_tag(self.run_id, TAG_FAILURE, reason[:5000])
+        self._client.set_terminated(self.run_id, status=status)
+
+
+class Tracker:
+    """The MLflow store at `uri`: experiments, runs, and the artifacts the pipeline reads back."""
+
+    def __init__(self, uri: str) -> None:
+        """Open the store and create (or migrate) its schema now, once, before any worker starts:
+        several processes first touching a fresh SQLite file race on the schema."""
+        self.uri = uri
+        db = _sqlite_path(uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        self._client = MlflowClient(uri)
+        self._client.search_experiments(max_results=1)
+
+    def experiment(self, name: str) -> str:
+        """Id of the experiment `name`, created if needed (artifacts next to a SQLite store)."""
+        existing = self._client.get_experiment_by_name(name)
+        if existing is None:
+            db = _sqlite_path(self.uri)
+            location = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+            try:
+                return self._client.create_experiment(name, artifact_location=location,
+                                                      tags=EXPERIMENT_KIND)
+            except MlflowException:  # another worker created it first
+                existing = self._client.get_experiment_by_name(name)
+        if existing.tags.get("mlflow.experimentKind") is None:  # made by an older version
+            for key, value in EXPERIMENT_KIND.items():
+                self._client.set_experiment_tag(existing.experiment_id, key, value)
         return existing.experiment_id
-    db = _sqlite_path(uri)
-    location = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # another worker created it first
-        return client.get_experiment_by_name(name).experiment_id
 
+    def start_run(self, experiment_id: str, name: str, tags: Mapping[str, str],
+                  parent_run_id: str | None = None) -> TrackedRun:
+        tags = dict(tags) | ({PARENT_TAG: parent_run_id} if parent_run_id else {})
+        run = self._client.create_run(experiment_id, run_name=name, tags=tags)
+        return TrackedRun(self._client, run.info.run_id)
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: MLflow params are flat."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat |= flatten(value, f"{path}.")
-        else:
-            flat[path] = value
-    return flat
+    def run(self, run_id: str) -> TrackedRun:
+        """A handle to write more to an existing run (a study's parent run)."""
+        return TrackedRun(self._client, run_id)
 
+    def reopen(self, run_id: str) -> None:
+        self._client.update_run(run_id, status="RUNNING")
 
-def log_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Log a state dict as an artifact of the active run (load it with `weights_only=True`);
-    cheaper than `mlflow.pytorch.log_model`, which infers requirements in a subprocess."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
-        torch.save(dict(state_dict), path)
-        mlflow.log_artifact(str(path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
+    def status(self, run_id: str) -> str:
+        return self._client.get_run(run_id).info.status
 
+    def experiment_of(self, run_id: str) -> str:
+        return self._client.get_run(run_id).info.experiment_id
 
-def load_checkpoint(run_id: str) -> dict[str, torch.Tensor]:
-    """The state dict logged by `log_checkpoint` in run `run_id`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp
+    def find_finished_run(self, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+        """Id of the newest FINISHED run of the experiment carrying all `tags`, or None."""
+        conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        conditions.append("attributes.status = 'FINISHED'")
+        runs = self._client.search_runs(
+            [experiment_id], filter_string=" and ".join(conditions),
+            order_by=["attributes.start_time DESC"], max_results=1,
         )
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return runs[0].info.run_id if runs else None
 
+    def download(self, run_id: str, artifact_path: str, folder: Path) -> Path:
+        """Copy one artifact of a run into `folder`; `TrackingError` if it cannot be read."""
+        try:
+            return Path(self._client.download_artifacts(run_id, artifact_path, str(folder)))
+        except (MlflowException, OSError) as err:
+            raise TrackingError(f"run {run_id}: cannot read artifact {artifact_path}: {err}") from err
 
-def log_curves(step_task_loss: list[float], step_penalty_loss: list[float],
-               step_synops: list[float]) -> None:
-    """Log the training curves (loss parts and SynOps per step) as a figure of the active run."""
-    fig, (loss_ax, synops_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
-    loss_ax.plot(step_task_loss, label="cross-entropy")
-    if any(step_penalty_loss):
-        loss_ax.plot(step_penalty_loss, label="SynOps penalty")
-    loss_ax.set(xlabel="training step", ylabel="loss", yscale="log", title="Loss")
-    loss_ax.legend()
-    synops_ax.plot(step_synops)
-    synops_ax.set(xlabel="training step", ylabel="SynOps per sample", title="Train SynOps")
-    fig.tight_layout()
-    mlflow.log_figure(fig, "curves.png")
-    plt.close(fig)
+    def load_checkpoint(self, run_id: str) -> dict[str, torch.Tensor]:
+        """The state dict logged by `TrackedRun.log_checkpoint`; `TrackingError` if it is missing
+        or unreadable (a truncated file included)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.download(run_id, CHECKPOINT_ARTIFACT, Path(tmp))
+            try:
+                return torch.load(path, weights_only=True, map_location="cpu")
+            except (RuntimeError, OSError, EOFError, ValueError) as err:
+                raise TrackingError(f"run {run_id}: checkpoint {CHECKPOINT_ARTIFACT} is "
+                                    f"unreadable: {err}") from err
 
+    def load_json(self, run_id: str, artifact_file: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.download(run_id, artifact_file, Path(tmp))
+            try:
+                return json.loads(path.read_text())
+            except ValueError as err:
+                raise TrackingError(f"run {run_id}: {artifact_file} is not JSON: {err}") from err
 
-def find_finished_run(experiment: str, tags: Mapping[str, str]) -> str | None:
-    """Id of the newest FINISHED run of `experiment` carrying all `tags`, or None."""
-    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-    conditions.append("attributes.status = 'FINISHED'")
-    runs = mlflow.search_runs(
-        experiment_ids=[experiment],
-        filter_string=" and ".join(conditions),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    return runs[0].info.run_id if runs else None
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._client.set_tag(run_id, key, value)
+
+    def close(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """End a run someone else left open (its process died), with the reason if given."""
+        run = TrackedRun(self._client, run_id)
+        if reason:
+            run.fail(reason, status)
+        else:
+            self._client.set_terminated(run_id, status=status)
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        """Where the run opens in `make ui` (or the server's UI)."""
+        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

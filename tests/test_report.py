@@ -15,9 +15,12 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.data import load_dataset
+from pipeline.front import choose_knee, front_table, trials_frame
 from pipeline.model import build_model
-from pipeline.report import front_table, knee_index, trials_frame
-from pipeline.sweep import prepare_study, run_sweep
+from pipeline.sweep.storage import prepare_study
+from pipeline.sweep.workers import run_sweep
+from pipeline.tracking import Tracker
 from tests.conftest import EXPERIMENTS, smoke_overrides
 
 
@@ -29,8 +32,10 @@ def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
     overrides = smoke_overrides(idx_root) | {"study.n_trials": 6, "train.max_batches": 0}
     config = load_config(EXPERIMENTS / "smoke.toml", overrides)
-    prepared = prepare_study(config, storage, tracking, progress=False)
-    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": 1e5, "penalty": "hinge"})
+    prepared = prepare_study(config, storage, Tracker(tracking), lambda: load_dataset(config.data),
+                             progress=False)
+    low = prepared.record.bounds.target_synops[0]
+    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": low, "penalty": "mse"})
     run_sweep(config, storage, tracking, quiet=True, echo=lambda line: None)
     optuna.load_study(study_name="smoke", storage=storage).ask()
     sets = [f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]
@@ -58,13 +63,13 @@ def test_report_files_hold_the_front(study_stores: tuple[str, str, list[str]], t
     for _, row in front.iterrows():
         assert f"trial {row['trial']} " in page and row["mlflow_run_id"] in page
     summary = (out / "report.md").read_text()
-    mlflow.set_tracking_uri(tracking)
     front_members = front_table(trials_frame(study))
-    knee = front_members.loc[knee_index(front_members)]
+    knee = front_members.loc[choose_knee(front_members).row]
     assert knee["on_front"]
     assert f"Knee: trial {int(knee['trial'])}" in summary
     assert "tutorial recipe" in summary and "unpenalised base model" in summary
     assert "1 failed, 1 running" in summary
+    assert "Rule: " in summary
     assert f"trial {int(knee['trial'])}" in (out / "index.html").read_text()
     parent = study.user_attrs["mlflow_parent_run_id"]
     logged = {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(parent, "report")}
@@ -102,3 +107,43 @@ def test_a_study_without_finished_trials_gets_a_message_and_no_files(
     absent = CliRunner().invoke(main, ["report", "--config", str(EXPERIMENTS / "seed.toml"),
                                        "--storage", storage])
     assert absent.exit_code == 1 and "no study named 'seed'" in absent.output
+
+
+def test_report_never_deletes_a_folder_it_did_not_write(
+    study_stores: tuple[str, str, list[str]], tmp_path: Path
+) -> None:
+    _, _, args = study_stores
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    refused = CliRunner().invoke(main, ["report", *args, "--out", str(mine)])
+    assert refused.exit_code == 2, refused.output
+    assert "left alone" in refused.output
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+
+    out = tmp_path / "reports" / "smoke"
+    for _ in range(2):  # a report's own folder is replaced whole
+        result = CliRunner().invoke(main, ["report", *args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    assert (out / "index.html").is_file()
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["smoke"]
+
+
+def test_report_describes_the_study_as_it_was_run_not_the_current_config(
+    study_stores: tuple[str, str, list[str]], tmp_path: Path
+) -> None:
+    _, _, args = study_stores
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", *args, "--out", str(out),
+                                       "--set=report.budgets=[123456.0]", "--set=data.val_size=150"])
+    assert result.exit_code == 0, result.output
+    summary = (out / "report.md").read_text()
+    assert "validation: 100 held-out" in summary and "1.23e+05" not in summary
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", ".."])
+def test_a_study_name_that_is_a_path_is_refused(name: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["report", "--config", str(EXPERIMENTS / "smoke.toml"),
+                                       f"--set=name={json.dumps(name)}",
+                                       "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"])
+    assert result.exit_code == 2 and "name" in result.output

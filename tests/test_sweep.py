@@ -17,7 +17,11 @@ from optuna.trial import TrialState
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.sweep import prepare_study, run_sweep
+from pipeline.data import load_dataset
+from pipeline.sweep import workers
+from pipeline.sweep.storage import prepare_study
+from pipeline.sweep.workers import run_sweep
+from pipeline.tracking import Tracker
 from tests.conftest import EXPERIMENTS, smoke_overrides
 
 N_TRIALS = load_config(EXPERIMENTS / "smoke.toml").study.n_trials
@@ -52,8 +56,17 @@ def sweep_args(idx_root: Path, stores: Stores, *extra: str) -> list[str]:
             "--tracking-uri", stores.tracking, "--quiet", *sets, *extra]
 
 
-def states(study: optuna.Study) -> list[str]:
-    return sorted(t.state.name for t in study.trials)
+def prepare(config, stores: Stores):
+    return prepare_study(config, stores.storage, Tracker(stores.tracking),
+                         lambda: load_dataset(config.data), progress=False)
+
+
+def smoke(idx_root: Path, **overrides: object):
+    return load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(idx_root) | overrides)
+
+
+def sweep(config, stores: Stores) -> optuna.Study:
+    return run_sweep(config, stores.storage, stores.tracking, quiet=True, echo=lambda line: None)
 
 
 def test_a_sweep_links_every_trial_to_its_run_and_resumes_without_redoing(
@@ -88,11 +101,11 @@ def test_a_sweep_links_every_trial_to_its_run_and_resumes_without_redoing(
 def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(
     idx_root: Path, stores: Stores
 ) -> None:
-    config = load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(idx_root))
-    prepared = prepare_study(config, stores.storage, stores.tracking, progress=False)
-    low = prepared.bounds.target_synops[0]
-    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": low, "penalty": "hinge"})
-    study = run_sweep(config, stores.storage, stores.tracking, quiet=True, echo=lambda line: None)
+    config = smoke(idx_root)
+    prepared = prepare(config, stores)
+    low = prepared.record.bounds.target_synops[0]
+    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": low, "penalty": "mse"})
+    study = sweep(config, stores)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == N_TRIALS
     (failed,) = study.get_trials(states=(TrialState.FAIL,))
     assert "DivergedError" in failed.user_attrs["fail_reason"]
@@ -158,7 +171,7 @@ def test_an_interrupted_sweep_records_the_running_trial_and_keeps_finished_work(
     assert "interrupted" in output
     study = stores.study()
     (victim,) = study.get_trials(states=(TrialState.FAIL,))
-    assert "KeyboardInterrupt" in victim.user_attrs["fail_reason"]
+    assert "TrainingStopped: stop requested" in victim.user_attrs["fail_reason"]
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert all(t.state == TrialState.COMPLETE for t in study.trials[: victim.number])
     client = MlflowClient(stores.tracking)
@@ -184,13 +197,130 @@ def test_two_workers_finish_exactly_n_trials_with_distinct_params(
 
 @pytest.mark.parametrize("sampler", ["nsga2", "random", "grid"])
 def test_every_sampler_runs_a_study(sampler: str, idx_root: Path, stores: Stores) -> None:
-    overrides = smoke_overrides(idx_root) | {"study.sampler": sampler, "study.n_trials": 3,
-                                             "study.grid_points": 2}
-    config = load_config(EXPERIMENTS / "smoke.toml", overrides)
-    study = run_sweep(config, stores.storage, stores.tracking, quiet=True, echo=lambda line: None)
+    config = smoke(idx_root, **{"study.sampler": sampler, "study.n_trials": 3, "study.grid_points": 2})
+    study = sweep(config, stores)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 3
     tried = [t.params for t in complete if t.params]
     assert len({tuple(sorted(p.items())) for p in tried}) == len(tried) == 2
     if sampler == "grid":
         assert all(p["penalty_strength"] in (0.3, pytest.approx(30.0)) for p in tried)
+
+
+def test_resuming_with_a_config_that_changes_the_study_is_refused(idx_root: Path, stores: Stores) -> None:
+    first = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=1"))
+    assert first.exit_code == 0, first.output
+    changed = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=data.split_seed=1",
+                                                  "--set=train.lr=0.002"))
+    assert changed.exit_code == 2, changed.output
+    assert "data.split_seed" in changed.output and "train.lr" in changed.output
+    assert len(stores.study().trials) == 1
+    longer = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=2"))
+    assert longer.exit_code == 0, longer.output
+    assert len(stores.study().get_trials(states=(TrialState.COMPLETE,))) == 2
+
+
+@pytest.mark.parametrize("assignment", [
+    "study.space.target_synops=[0.0, 1000.0]",  # resolves below 1.05 x the input-layer floor
+    "study.space.lr=[0.0, 1e-3]",
+    "study.space.epochs=[4, 2]",
+    "study.space.penalty_strength=[0.3, inf]",
+])
+def test_a_search_space_that_fails_every_trial_is_refused_before_any_training(
+    assignment: str, idx_root: Path, stores: Stores
+) -> None:
+    result = CliRunner().invoke(main, sweep_args(idx_root, stores, f"--set={assignment}"))
+    assert result.exit_code == 2, result.output
+    assert assignment.split("=")[0] in result.output
+    client = MlflowClient(stores.tracking)
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+def test_a_sweep_stops_after_too_many_failures_in_a_row_and_keeps_what_finished(
+    idx_root: Path, stores: Stores
+) -> None:
+    # Every fine-tuning trial diverges (an enormous mse weight); the reference trial finishes first.
+    args = sweep_args(idx_root, stores, "--set=study.n_trials=6",
+                      "--set=study.max_consecutive_failures=2", '--set=study.space.penalties=["mse"]',
+                      "--set=study.space.penalty_strength=[1e300, 1e300]")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "2 trials failed in a row" in result.output and "DivergedError" in result.output
+    study = stores.study()
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    parent = MlflowClient(stores.tracking).get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FAILED"
+
+
+def test_a_resumed_study_does_not_repeat_its_first_proposals(idx_root: Path, stores: Stores) -> None:
+    config = smoke(idx_root, **{"study.sampler": "random", "study.n_trials": 3})
+    sweep(config, stores)
+    sweep(smoke(idx_root, **{"study.sampler": "random", "study.n_trials": 5}), stores)
+    tried = [tuple(sorted(t.params.items())) for t in stores.study().trials if t.params]
+    assert len(tried) == 4 and len(set(tried)) == 4
+
+
+def test_a_failed_reference_trial_is_queued_again(idx_root: Path, stores: Stores) -> None:
+    config = smoke(idx_root)
+    study = prepare(config, stores).study
+    reference = study.ask()  # the queued tutorial recipe, as a worker would take it
+    assert reference.user_attrs["reference"] == "tutorial"
+    study.tell(reference, state=TrialState.FAIL)
+    sweep(config, stores)
+    finished = stores.study().get_trials(states=(TrialState.COMPLETE,))
+    assert sum(1 for t in finished if t.user_attrs.get("reference")) == 1
+
+
+def test_runs_compare_in_the_mlflow_ui_and_the_parent_carries_the_study_summary(
+    idx_root: Path, stores: Stores
+) -> None:
+    sweep(smoke(idx_root), stores)
+    client = MlflowClient(stores.tracking)
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = stores.runs()
+    (parent,) = [r for r in runs if r.data.tags["synops.role"] == "study"]
+    trials = [r for r in runs if r.data.tags["synops.role"] == "trial"]
+    assert len(trials) == N_TRIALS - 1
+    for run in trials:
+        assert {"search.penalty_strength", "search.target_synops", "search.penalty"} <= set(run.data.params)
+        assert not any(k.startswith("study.") for k in run.data.params)
+    low, high = parent.data.params["study.space.target_synops"].strip("()[]").split(",")
+    assert 0 < float(low) < float(high)
+    assert parent.data.metrics["finished_trials"] == N_TRIALS
+    assert parent.data.metrics["failed_trials"] == 0
+    assert parent.data.metrics["front_size"] >= 1
+    history = client.get_metric_history(parent.info.run_id, "hypervolume")
+    assert len(history) == N_TRIALS and [m.value for m in history] == sorted(m.value for m in history)
+
+
+def test_the_parent_run_is_closed_even_when_publishing_the_front_fails(
+    idx_root: Path, stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(workers, "publish_front", full_disk)
+    study = sweep(smoke(idx_root, **{"study.n_trials": 2}), stores)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    parent = MlflowClient(stores.tracking).get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_sweep_refuses_a_checkpoint_it_would_ignore(idx_root: Path, stores: Stores) -> None:
+    result = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=train.init_from='x.pt'"))
+    assert result.exit_code == 2 and "train.init_from" in result.output
+
+
+def test_a_study_whose_base_checkpoint_is_lost_stops_with_the_run_to_restore(
+    idx_root: Path, stores: Stores, tmp_path: Path
+) -> None:
+    config = smoke(idx_root, **{"study.n_trials": 1})
+    sweep(config, stores)
+    base_run = stores.study().user_attrs["base_model"]["run_id"]
+    (checkpoint,) = (tmp_path / "artifacts").rglob(f"{base_run}/artifacts/model/state_dict.pt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # truncated
+    result = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=2"))
+    assert result.exit_code == 1, result.output
+    assert base_run in result.output and "cannot be read" in result.output

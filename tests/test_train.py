@@ -64,8 +64,8 @@ def test_the_penalty_lowers_the_synops_above_the_input_floor(idx_root: Path) -> 
 def test_a_diverging_loss_raises(idx_root: Path) -> None:
     config = smoke_config(idx_root)
     data = load_dataset(config.data)
-    diverging = TrainConfig(epochs=1, batch_size=64, penalty="hinge",
-                            penalty_weight=float("inf"), target_synops=1.0)
+    diverging = TrainConfig(epochs=1, batch_size=64, penalty="mse", penalty_weight=1e300,
+                            target_synops=1.0)
     with pytest.raises(DivergedError, match="loss became"):
         train(build_model(config.model), data, diverging, progress=False)
 
@@ -112,7 +112,7 @@ def test_train_logs_a_complete_run_and_reuses_the_base_model(idx_root: Path, tra
 
 def test_a_diverging_run_is_recorded_as_failed(idx_root: Path, tracking_uri: str) -> None:
     result = run_cli("train", *smoke_args(idx_root, tracking_uri), "--set=pretrain.epochs=0",
-                     "--set=train.penalty_weight=inf")
+                     "--set=train.penalty=\"mse\"", "--set=train.penalty_weight=1e300")
     assert result.exit_code == 1
     assert "loss became" in result.output
     client = MlflowClient(tracking_uri)
@@ -120,3 +120,22 @@ def test_a_diverging_run_is_recorded_as_failed(idx_root: Path, tracking_uri: str
     failed = [r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "FAILED"]
     assert len(failed) == 1
     assert "DivergedError" in failed[0].data.tags["synops.failure_reason"]
+
+
+def test_a_truncated_base_checkpoint_is_retrained_and_the_old_run_marked(
+    idx_root: Path, tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run_cli("train", *smoke_args(idx_root, uri)).exit_code == 0
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("smoke").experiment_id
+    (base,) = [r for r in client.search_runs([experiment]) if r.data.tags["synops.role"] == "base"]
+    (checkpoint,) = (tmp_path / "artifacts").rglob(f"{base.info.run_id}/artifacts/model/state_dict.pt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+
+    again = run_cli("train", *smoke_args(idx_root, uri))
+    assert again.exit_code == 0, again.output
+    roles = {r.info.run_id: r.data.tags["synops.role"] for r in client.search_runs([experiment])}
+    assert roles[base.info.run_id] == "base-unusable"
+    assert sorted(roles.values()) == ["base", "base-unusable", "train", "train"]
+    assert "unreadable" in client.get_run(base.info.run_id).data.tags["synops.unusable_reason"]

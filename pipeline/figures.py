@@ -1,0 +1,125 @@
+"""Figures of a study: the Pareto plot (PNG and interactive HTML), the hypervolume history and the
+per-layer SynOps of the front. They draw what `pipeline.front` computed; they choose nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+
+from pipeline.front import PARAM_COLUMNS, BaseRecord, layer_column  # noqa: E402
+
+
+def _marker_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    front = frame[frame["on_front"]].sort_values("test_synops_mean")
+    return frame[~frame["on_front"]], front, frame[frame["kind"] == "reference"]
+
+
+def pareto_png(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord | None = None,
+               knee: pd.Series | None = None) -> None:
+    """Test accuracy vs mean test SynOps of every finished trial (a `trials_frame`): the front
+    (chosen on validation) connected, dominated trials faded, the tutorial recipe, base model,
+    floor and knee marked; the legend sits outside the data."""
+    dominated, front, reference = _marker_rows(frame)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    ax.scatter(dominated["test_synops_mean"], dominated["test_accuracy"] * 100, color="0.6",
+               alpha=0.4, label="dominated trials")
+    ax.plot(front["test_synops_mean"], front["test_accuracy"] * 100, "o-", color="tab:blue",
+            label="Pareto front")
+    ax.scatter(reference["test_synops_mean"], reference["test_accuracy"] * 100, marker="*", s=220,
+               color="tab:red", zorder=5, label="tutorial recipe")
+    if base is not None:
+        ax.scatter([base.test.synops_mean], [base.test.accuracy * 100], marker="D", s=70,
+                   color="black", zorder=5, label="unpenalised base model")
+        ax.axvline(base.test.input_layer_synops, color="tab:gray", linestyle="--",
+                   label="input-layer floor (set by the data)")
+    if knee is not None:
+        ax.scatter([knee["test_synops_mean"]], [knee["test_accuracy"] * 100], s=260,
+                   facecolors="none", edgecolors="tab:orange", linewidths=2.5, zorder=6,
+                   label=f"knee: trial {int(knee['trial'])}")
+    ax.set(xscale="log", xlabel="mean SynOps per test sample (log scale)",
+           ylabel="test accuracy (%)",
+           title=f"{title}: accuracy vs SynOps (front chosen on validation)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _hover(rows: pd.DataFrame) -> list[str]:
+    texts = []
+    for _, row in rows.iterrows():
+        params = ", ".join(f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                           for k in PARAM_COLUMNS if k in row and pd.notna(row[k]))
+        texts.append(
+            f"trial {int(row['trial'])} ({row['kind']})<br>{params or 'tutorial recipe'}<br>"
+            f"val {row['val_accuracy']:.2%} at {row['val_synops_mean']:.3g} SynOps<br>"
+            f"test {row['test_accuracy']:.2%} at {row['test_synops_mean']:.3g} SynOps<br>"
+            f"MLflow run {row['mlflow_run_id']}"
+        )
+    return texts
+
+
+def pareto_html(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord,
+                knee: pd.Series) -> None:
+    """The Pareto plot as interactive plotly HTML; plotly.js is written next to it (no CDN)."""
+    dominated, front, reference = _marker_rows(frame)
+    fig = go.Figure()
+    for rows, name, style in (
+        (dominated, "dominated trials", {"mode": "markers", "marker": {"color": "lightgray"}}),
+        (front, "Pareto front", {"mode": "lines+markers", "marker": {"color": "royalblue"}}),
+        (reference, "tutorial recipe",
+         {"mode": "markers", "marker": {"symbol": "star", "size": 16, "color": "crimson"}}),
+    ):
+        fig.add_trace(go.Scatter(x=rows["test_synops_mean"], y=rows["test_accuracy"] * 100,
+                                 name=name, text=_hover(rows), hoverinfo="text", **style))
+    fig.add_trace(go.Scatter(
+        x=[base.test.synops_mean], y=[base.test.accuracy * 100], name="unpenalised base model",
+        mode="markers", marker={"symbol": "diamond", "size": 12, "color": "black"},
+        text=[f"base model, MLflow run {base.run_id}"], hoverinfo="text"))
+    fig.add_trace(go.Scatter(
+        x=[knee["test_synops_mean"]], y=[knee["test_accuracy"] * 100],
+        name=f"knee: trial {int(knee['trial'])}", mode="markers", hoverinfo="skip",
+        marker={"size": 22, "color": "rgba(0,0,0,0)", "line": {"color": "orange", "width": 3}}))
+    fig.add_vline(x=base.test.input_layer_synops, line_dash="dash", line_color="gray",
+                  annotation_text="input-layer floor")
+    fig.update_layout(title=f"{title}: accuracy vs SynOps (front chosen on validation)",
+                      xaxis={"type": "log", "title": "mean SynOps per test sample"},
+                      yaxis={"title": "test accuracy (%)"}, template="plotly_white")
+    fig.write_html(path, include_plotlyjs="directory")
+
+
+def hypervolume_png(history: pd.Series, reference: tuple[float, float], path: Path) -> None:
+    """Hypervolume of the validation front after each finished trial, reference point stated."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(history.index, history.to_numpy(), "o-", markersize=3)
+    ax.set(xlabel="trial number", ylabel="hypervolume (accuracy x SynOps)",
+           title=f"Hypervolume of the validation front; reference point: accuracy "
+                 f"{reference[0]:.0%} (chance), {reference[1]:.3g} SynOps (base model)")
+    ax.title.set_fontsize(9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def layers_png(front: pd.DataFrame, layers: dict[str, str], path: Path) -> None:
+    """Per-layer test SynOps of each front member, stacked; `layers` maps each counted layer's
+    name to its label. The legend sits beside the bars."""
+    table = front.set_index(front["trial"].map(lambda n: f"trial {n}"))[
+        [layer_column(name) for name in layers]]
+    table.columns = list(layers.values())
+    ax = table.plot.bar(stacked=True, figsize=(max(6, 0.6 * len(table) + 2) + 3, 4.5), rot=45)
+    ax.set(ylabel="mean SynOps per test sample", xlabel="front member (fewest SynOps first)",
+           title="Where each front member spends its SynOps, by weight layer")
+    ax.legend(title="layer (its input is counted)", fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=130)
+    plt.close(ax.figure)

@@ -1,0 +1,289 @@
+"""The study's record, and the choices a user makes from it: the front, the knee, the best network
+within a budget, the hypervolume. Read only from what the study stored; no plotting, no MLflow.
+
+Choices use validation numbers only (the objectives); test numbers are what gets reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from pipeline.config import ExperimentConfig, config_from_dict
+from pipeline.evaluate import Evaluation, energy_per_sample
+
+# The objectives, in Optuna's order: validation accuracy up, mean validation SynOps per sample down.
+DIRECTIONS = ("maximize", "minimize")
+OBJECTIVE_NAMES = ("val_accuracy", "val_synops_mean")
+# Study user attributes: the record a study keeps of itself (version 2 adds config and base model).
+SCHEMA_VERSION = 2
+ATTR_SCHEMA = "schema_version"
+ATTR_CONFIG = "config"
+ATTR_BOUNDS = "search_bounds"
+ATTR_BASE = "base_model"
+ATTR_PARENT_RUN = "mlflow_parent_run_id"
+# Trial user attributes.
+ATTR_REFERENCE = "reference"  # "tutorial" on the trial that runs the tutorial's recipe
+ATTR_RUN_ID = "mlflow_run_id"
+ATTR_FAILURE = "fail_reason"
+ATTR_VAL = "val"
+ATTR_TEST = "test"
+ATTR_SECONDS = "seconds"
+ATTR_SURPLUS = "surplus"  # pruned at once: the study already had n_trials trials
+PARAM_COLUMNS = ("penalty", "penalty_strength", "target_synops", "epochs", "lr")
+
+KNEE_BULGE = "bulge"
+KNEE_IDEAL = "ideal"
+KNEE_SINGLE = "single"
+
+
+class StudyFormatError(RuntimeError):
+    """The study lacks the record this version reads (made by an older version, or not by us)."""
+
+
+@dataclass(frozen=True)
+class SearchBounds:
+    """The resolved search space, fixed when the study is created."""
+
+    penalty_strength: tuple[float, float]
+    target_synops: tuple[float, float]
+    penalties: tuple[str, ...]
+    epochs: tuple[int, int] | None
+    lr: tuple[float, float] | None
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SearchBounds:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    """The unpenalised base model every trial fine-tunes: its run and how it scored."""
+
+    run_id: str
+    val: Evaluation
+    test: Evaluation
+
+    def to_record(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "val": self.val.to_record(), "test": self.test.to_record()}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> BaseRecord:
+        return cls(record["run_id"], Evaluation.from_record(record["val"]),
+                   Evaluation.from_record(record["test"]))
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What a study stored about itself when it was prepared."""
+
+    name: str
+    config: ExperimentConfig
+    bounds: SearchBounds
+    base: BaseRecord
+    parent_run_id: str
+
+    @property
+    def layers(self) -> list[str]:
+        """The counted weight layers, in network order."""
+        return list(self.base.test.synops_per_layer)
+
+    @classmethod
+    def load(cls, study: optuna.Study) -> StudyRecord:
+        attrs = study.user_attrs
+        if attrs.get(ATTR_SCHEMA) != SCHEMA_VERSION or ATTR_PARENT_RUN not in attrs:
+            raise StudyFormatError(
+                f"study '{study.study_name}' was not prepared by this version of synops (record "
+                f"version {attrs.get(ATTR_SCHEMA)}, expected {SCHEMA_VERSION}): start a new study "
+                "under another `name`, or with other --storage/--tracking-uri stores")
+        return cls(study.study_name, config_from_dict(attrs[ATTR_CONFIG]),
+                   SearchBounds.from_record(attrs[ATTR_BOUNDS]),
+                   BaseRecord.from_record(attrs[ATTR_BASE]), attrs[ATTR_PARENT_RUN])
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One finished (COMPLETE) trial: what it tried and how it scored."""
+
+    number: int
+    kind: str  # "trial" or "reference"
+    params: dict[str, Any]
+    val: Evaluation
+    test: Evaluation
+    seconds: float
+    run_id: str
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial) -> TrialRecord:
+        attrs = trial.user_attrs
+        return cls(trial.number, "reference" if attrs.get(ATTR_REFERENCE) else "trial",
+                   dict(trial.params), Evaluation.from_record(attrs[ATTR_VAL]),
+                   Evaluation.from_record(attrs[ATTR_TEST]), attrs.get(ATTR_SECONDS, math.nan),
+                   attrs[ATTR_RUN_ID])
+
+
+def finished_trials(study: optuna.Study) -> list[TrialRecord]:
+    return [TrialRecord.from_trial(t)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def layer_column(layer: str) -> str:
+    """The trials-table column of one layer's mean test SynOps."""
+    return f"test_synops_{layer}"
+
+
+def energy_column(chip: str) -> str:
+    return f"test_energy_uj_{chip}"
+
+
+def _row(record: TrialRecord) -> dict[str, Any]:
+    test = record.test
+    return {
+        "trial": record.number,
+        "kind": record.kind,
+        **{k: record.params.get(k) for k in PARAM_COLUMNS},
+        "val_accuracy": record.val.accuracy,
+        "val_synops_mean": record.val.synops_mean,
+        "test_accuracy": test.accuracy,
+        "test_synops_mean": test.synops_mean,
+        "test_synops_p50": test.synops_p50,
+        "test_synops_p95": test.synops_p95,
+        "test_synops_max": test.synops_max,
+        **{layer_column(name): v for name, v in test.synops_per_layer.items()},
+        **{energy_column(chip): e for chip, e in energy_per_sample(test.synops_mean).items()},
+        "seconds": record.seconds,
+        "mlflow_run_id": record.run_id,
+    }
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per finished trial, and whether it is on the Pareto front (Optuna's
+    `best_trials`, computed on the validation objectives). Parameters a study never searched are
+    left out."""
+    front = {t.number for t in study.best_trials}
+    frame = pd.DataFrame([_row(r) | {"on_front": r.number in front} for r in finished_trials(study)])
+    if frame.empty:
+        return frame
+    unused = [c for c in PARAM_COLUMNS if frame[c].isna().all()]
+    return frame.drop(columns=unused)
+
+
+def front_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The front members of a `trials_frame`, fewest validation SynOps first, rows 0..n-1."""
+    if frame.empty:
+        return frame
+    front = frame[frame["on_front"]]
+    return front.sort_values(["val_synops_mean", "trial"]).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Knee:
+    """The front member offered as the best compromise, and the rule that chose it."""
+
+    row: int
+    rule: str  # KNEE_BULGE, KNEE_IDEAL or KNEE_SINGLE
+
+    def explanation(self) -> str:
+        return {
+            KNEE_BULGE: "on the validation front, with error and log SynOps each scaled to [0, 1], "
+                        "the member that bulges farthest from the straight line joining the "
+                        "front's two ends towards the ideal corner (no error, fewest SynOps): "
+                        "on either side of it, the front trades accuracy and SynOps at a worse rate",
+            KNEE_IDEAL: "no member of the validation front lies on the ideal side of the straight "
+                        "line joining its two ends, so the knee is the member closest to the "
+                        "ideal corner (no error, fewest SynOps), with error and log SynOps each "
+                        "scaled to [0, 1]",
+            KNEE_SINGLE: "the front has a single member",
+        }[self.rule]
+
+
+def choose_knee(front: pd.DataFrame) -> Knee:
+    """The knee of a `front_table`, chosen on validation numbers. (Hand-written: neither Optuna
+    nor pandas offers one.)"""
+    if len(front) == 1:
+        return Knee(0, KNEE_SINGLE)
+    log_synops = front["val_synops_mean"].map(math.log)
+    error = 1 - front["val_accuracy"]
+    x = (log_synops - log_synops.min()) / ((log_synops.max() - log_synops.min()) or 1)
+    y = (error - error.min()) / ((error.max() - error.min()) or 1)
+    first, last = 0, len(front) - 1  # fewest and most SynOps
+    dx, dy = x[last] - x[first], y[last] - y[first]
+    length = math.hypot(dx, dy)
+    if len(front) >= 3 and length > 0:
+        def side(px: Any, py: Any) -> Any:
+            return dx * (py - y[first]) - dy * (px - x[first])
+
+        toward_ideal = math.copysign(1.0, side(0.0, 0.0))
+        distance = side(x, y) * toward_ideal / length
+        if distance.max() > 1e-9:
+            return Knee(int(distance.idxmax()), KNEE_BULGE)
+    ranked = pd.DataFrame({"distance": (x**2 + y**2) ** 0.5, "error": error,
+                           "synops": front["val_synops_mean"]})
+    return Knee(int(ranked.sort_values(["distance", "error", "synops"]).index[0]), KNEE_IDEAL)
+
+
+def best_within_budgets(frame: pd.DataFrame, budgets: list[float]) -> list[tuple[float, pd.Series | None]]:
+    """For each SynOps budget, the finished trial with the best validation accuracy among those
+    whose validation SynOps fit in it (fewer SynOps break ties), or None."""
+    chosen = []
+    for budget in budgets:
+        fitting = frame[frame["val_synops_mean"] <= budget]
+        if fitting.empty:
+            chosen.append((budget, None))
+            continue
+        ordered = fitting.sort_values(["val_accuracy", "val_synops_mean"], ascending=[False, True])
+        chosen.append((budget, ordered.iloc[0]))
+    return chosen
+
+
+def hypervolume_reference(record: StudyRecord) -> tuple[float, float]:
+    """The reference point (validation accuracy, SynOps) the hypervolume is measured from: chance
+    accuracy for the dataset, and the unpenalised base model's SynOps. Fixed for the whole study, so
+    hypervolumes of different moments compare, on any dataset."""
+    return 1.0 / record.config.model.num_classes, record.base.val.synops_mean
+
+
+def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """Area that (accuracy, SynOps) points dominate (accuracy up, SynOps down) up to `reference`.
+    Hand-written: Optuna's hypervolume function is private."""
+    ref_accuracy, ref_synops = reference
+    area, best = 0.0, ref_accuracy
+    for synops, accuracy in sorted((s, a) for a, s in points if a > ref_accuracy and s < ref_synops):
+        if accuracy > best:
+            area += (ref_synops - synops) * (accuracy - best)
+            best = accuracy
+    return area
+
+
+def hypervolume_history(frame: pd.DataFrame, reference: tuple[float, float]) -> pd.Series:
+    """Hypervolume of the finished trials' validation front after each trial, by trial number."""
+    ordered = frame.sort_values("trial")
+    points = list(zip(ordered["val_accuracy"], ordered["val_synops_mean"], strict=True))
+    return pd.Series([hypervolume(points[: i + 1], reference) for i in range(len(points))],
+                     index=ordered["trial"].to_list(), name="hypervolume")
+
+
+@dataclass(frozen=True)
+class StudyCounts:
+    finished: int
+    failed: int
+    running: int
+
+
+def study_counts(study: optuna.Study) -> StudyCounts:
+    """Trials by state; surplus trials (pruned at once) are not counted."""
+    trials = study.get_trials(deepcopy=False)
+    return StudyCounts(
+        finished=sum(t.state == TrialState.COMPLETE for t in trials),
+        failed=sum(t.state == TrialState.FAIL for t in trials),
+        running=sum(t.state == TrialState.RUNNING for t in trials),
+    )

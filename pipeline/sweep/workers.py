@@ -1,0 +1,284 @@
+"""The sweep's loop: workers run trials until the study has `n_trials` finished ones, print a line
+per trial, and keep the study's parent MLflow run up to date with the front."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from pipeline.config import ExperimentConfig
+from pipeline.data import Dataset, load_dataset
+from pipeline.evaluate import Evaluation
+from pipeline.figures import pareto_png
+from pipeline.front import (
+    ATTR_FAILURE,
+    ATTR_REFERENCE,
+    ATTR_SECONDS,
+    ATTR_SURPLUS,
+    ATTR_TEST,
+    ATTR_VAL,
+    StudyRecord,
+    front_table,
+    hypervolume,
+    hypervolume_reference,
+    study_counts,
+    trials_frame,
+)
+from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signals, stop_requested
+from pipeline.memory import keep_freed_memory
+from pipeline.sweep.objective import TrialRunner
+from pipeline.sweep.space import make_sampler, sampler_seed
+from pipeline.sweep.storage import PreparedStudy, close_orphaned_runs, open_storage, prepare_study
+from pipeline.tracking import Tracker, TrackingError
+
+
+class WorkerError(RuntimeError):
+    """A sweep worker process ended with an error."""
+
+
+class TooManyFailuresError(RuntimeError):
+    """`study.max_consecutive_failures` trials in a row failed: something is wrong beyond one trial."""
+
+
+class BaseModelUnavailableError(RuntimeError):
+    """The study's base model cannot be read back, so no further trial can fine-tune it."""
+
+
+class _WithoutInterruptTracebacks(logging.Filter):
+    """Optuna logs each failed trial with its traceback; for Ctrl-C that is one screenful per
+    worker of noise, since the CLI reports the interruption and the trial and run record it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_WithoutInterruptTracebacks())
+
+
+def trial_line(trial: FrozenTrial) -> str:
+    """One human line for a finished trial: number, params, val/test accuracy and SynOps, time."""
+    if trial.user_attrs.get(ATTR_REFERENCE):
+        params = "tutorial recipe (from scratch, mse 1e-5 -> 4e7, 2 epochs)"
+    else:
+        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in trial.params.items())
+    if trial.state != TrialState.COMPLETE:
+        reason = trial.user_attrs.get(ATTR_FAILURE, "process died or was interrupted")
+        return f"trial {trial.number:3d} {trial.state.name}: {params} | {reason}"
+    val = Evaluation.from_record(trial.user_attrs[ATTR_VAL])
+    test = Evaluation.from_record(trial.user_attrs[ATTR_TEST])
+    return (f"trial {trial.number:3d} | {params} | val {val.accuracy:.2%} {val.synops_mean:.3g} | "
+            f"test {test.accuracy:.2%} {test.synops_mean:.3g} | "
+            f"{trial.user_attrs.get(ATTR_SECONDS, math.nan):.0f} s")
+
+
+def publish_front(prepared: PreparedStudy, tracker: Tracker, with_metrics: bool = True) -> None:
+    """Log the current front (front.csv, pareto.png) and, `with_metrics`, the study's summary
+    metrics at the latest trial's step (finished and failed trials, front size, hypervolume) to
+    the study's parent run."""
+    study, record = prepared.study, prepared.record
+    frame = trials_frame(study)
+    if frame.empty:
+        return
+    front = front_table(frame)
+    counts = study_counts(study)
+    parent = tracker.run(record.parent_run_id)
+    latest = int(frame["trial"].max())
+    points = list(zip(frame["val_accuracy"], frame["val_synops_mean"], strict=True))
+    if with_metrics:
+        parent.log_metrics({
+            "finished_trials": counts.finished, "failed_trials": counts.failed,
+            "front_size": len(front), "hypervolume": hypervolume(points, hypervolume_reference(record)),
+        }, step=latest)
+    with tempfile.TemporaryDirectory() as tmp:
+        front.to_csv(Path(tmp) / "front.csv", index=False)
+        pareto_png(frame, study.study_name, Path(tmp) / "pareto.png", record.base)
+        parent.log_folder(Path(tmp))
+
+
+def _publish_or_warn(prepared: PreparedStudy, tracker: Tracker, with_metrics: bool = True) -> None:
+    """Publishing is a report on the side: if it fails (a full artifact store), say so and let the
+    trials decide whether the sweep goes on."""
+    try:
+        publish_front(prepared, tracker, with_metrics)
+    except Exception as err:  # noqa: BLE001 - any failure to publish is only reported
+        print(f"warning: could not publish the front to MLflow: {type(err).__name__}: {err}",
+              file=sys.stderr)
+
+
+def load_base_state(tracker: Tracker, record: StudyRecord) -> dict[str, torch.Tensor]:
+    try:
+        return tracker.load_checkpoint(record.base.run_id)
+    except TrackingError as err:
+        raise BaseModelUnavailableError(
+            f"the base model of study '{record.name}' cannot be read ({err}); every trial "
+            "fine-tunes it, so the study cannot go on: restore that run's artifacts, or start a "
+            "new study under another `name`") from err
+
+
+def run_worker(config: ExperimentConfig, prepared: PreparedStudy, tracker: Tracker,
+               dataset: Callable[[], Dataset], on_trial: Callable[[FrozenTrial], None] | None = None,
+               progress: bool = False, worker: int = 0) -> None:
+    """Run trials until the study has `n_trials` finished ones. Safe to run in several processes
+    (or on several machines sharing one RDB storage and one MLflow server); `worker` numbers the
+    process on this machine. Stops with `TooManyFailuresError` after
+    `study.max_consecutive_failures` of its trials failed in a row."""
+    study = prepared.study
+    study.sampler = make_sampler(config, prepared.record.bounds,
+                                 sampler_seed(config.study.seed, worker, len(study.trials)))
+    runner = TrialRunner(config, prepared, tracker, dataset(), load_base_state(tracker, prepared.record),
+                         progress, stop_requested)
+    failed_in_a_row: list[FrozenTrial] = []
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.user_attrs.get(ATTR_SURPLUS):
+            return
+        if trial.state == TrialState.COMPLETE:
+            failed_in_a_row.clear()
+            _publish_or_warn(prepared, tracker)
+        elif trial.state == TrialState.FAIL:
+            failed_in_a_row.append(trial)
+        if on_trial is not None:
+            on_trial(trial)
+
+    def finished() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def open_slots() -> int:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return config.study.n_trials - finished() - len(running)
+
+    grid = study.sampler if isinstance(study.sampler, optuna.samplers.GridSampler) else None
+    while finished() < config.study.n_trials and not (grid and grid.is_exhausted(study)):
+        raise_if_stop_requested()
+        if len(failed_in_a_row) >= config.study.max_consecutive_failures:
+            last = failed_in_a_row[-1]
+            raise TooManyFailuresError(
+                f"{len(failed_in_a_row)} trials failed in a row (study.max_consecutive_failures), "
+                f"the last, trial {last.number}: {last.user_attrs.get(ATTR_FAILURE, 'no reason')}. "
+                "Finished trials are kept; fix the cause and re-run to continue")
+        if open_slots() > 0:
+            study.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+            continue
+        # Every open slot is taken by a running trial: wait, in case its worker died and the
+        # heartbeat turns it into a retry this worker should run.
+        time.sleep(config.study.heartbeat_interval)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: str,
+                    threads: int, worker: int) -> None:
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tracker = Tracker(tracking_uri)
+    study = optuna.load_study(study_name=config.name, storage=open_storage(storage_url, config))
+    prepared = PreparedStudy(study, StudyRecord.load(study), tracker.experiment(config.name))
+    # The parent reports the interruption; the worker only records its trial.
+    with stop_on_signals(repeat_interrupts=False), contextlib.suppress(KeyboardInterrupt):
+        try:
+            run_worker(config, prepared, tracker, lambda: load_dataset(config.data).to(config.device),
+                       worker=worker)
+        except (TooManyFailuresError, BaseModelUnavailableError) as err:
+            print(f"worker {worker}: {err}", file=sys.stderr)
+            sys.exit(3)
+
+
+def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, workers: int = 1,
+              quiet: bool = False, echo: Callable[[str], None] = print) -> optuna.Study:
+    """`synops sweep`: prepare the study, run `workers` worker processes until it has `n_trials`
+    finished trials, print a line per finished trial, and publish the front to MLflow. The data is
+    loaded at most once in this process."""
+    tracker = Tracker(tracking_uri)
+    dataset = functools.cache(lambda: load_dataset(config.data).to(config.device))
+    prepared = prepare_study(config, storage_url, tracker, dataset, progress=not quiet,
+                             should_stop=stop_requested)
+    study = prepared.study
+    bar = tqdm(total=config.study.n_trials, initial=study_counts(study).finished, desc=config.name,
+               unit="trial", disable=quiet)
+
+    def report(trial: FrozenTrial) -> None:
+        if quiet:
+            echo(trial_line(trial))
+            return
+        bar.write(trial_line(trial))
+        bar.n = study_counts(study).finished
+        bar.refresh()
+
+    status = "FAILED"
+    try:
+        if workers == 1:
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            run_worker(config, prepared, tracker, dataset, on_trial=report, progress=not quiet)
+        else:
+            _run_processes(config, storage_url, tracking_uri, workers, study, report)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        bar.close()
+        with shielded():
+            try:
+                close_orphaned_runs(study, tracker)
+                _publish_or_warn(prepared, tracker, with_metrics=False)
+            finally:
+                tracker.close(prepared.record.parent_run_id, status)
+    return study
+
+
+def _run_processes(config: ExperimentConfig, storage_url: str, tracking_uri: str, workers: int,
+                   study: optuna.Study, report: Callable[[FrozenTrial], None]) -> None:
+    """Start worker processes and print their trials as they finish, by polling the storage."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    already = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker_process,
+                                 args=(config, storage_url, tracking_uri, threads, worker))
+                 for worker in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        while any(p.is_alive() for p in processes):
+            time.sleep(2)
+            raise_if_stop_requested()
+            _report_new(study, already, report)
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker records its trial as interrupted
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()  # it did not reach a training step in time; heartbeats retry its trial
+        raise
+    _report_new(study, already, report)
+    crashed = [p.exitcode for p in processes if p.exitcode != 0]
+    if crashed:
+        raise WorkerError(f"{len(crashed)} of {workers} workers exited with an error "
+                          f"(exit codes {crashed}; their messages are above); finished trials "
+                          "are kept, re-run to continue")
+
+
+def _report_new(study: optuna.Study, already: set[int], report: Callable[[FrozenTrial], None]
+                ) -> None:
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state.is_finished() and trial.number not in already:
+            already.add(trial.number)
+            if not trial.user_attrs.get(ATTR_SURPLUS):
+                report(trial)
