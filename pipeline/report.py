@@ -231,6 +231,7 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker) -> Path:
     layers = {name: f"{name}: {type(modules[name]).__name__}" for name in record.layers}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the report from a web server or a colleague
     try:
         (staging / MARKER).write_text("written by `synops report`; the folder is replaced whole by "
                                       "the next report\n")
