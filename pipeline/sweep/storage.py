@@ -41,11 +41,12 @@ from pipeline.tracking import TAG_ROLE, Tracker
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-# Keys a resumed study may change: how long it runs, how it watches its workers, and where this
-# machine keeps its files and computes. Everything else defines the front.
+# Keys a resumed study may change: how long it runs, how it watches its workers, where this
+# machine keeps its files and computes, and its sampler seed (each machine of a team needs its own).
+# Everything else defines what the trials mean.
 RESUMABLE_KEYS = frozenset({
     "study.n_trials", "study.max_consecutive_failures", "study.heartbeat_interval",
-    "study.grace_period", "data.root", "data.verify_checksums", "device",
+    "study.grace_period", "study.seed", "data.root", "data.verify_checksums", "device",
 })
 
 
