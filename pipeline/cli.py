@@ -217,14 +217,15 @@ def _open_study(config: ExperimentConfig, storage: str | None, tracking_uri: str
 def report(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
            storage: str | None, out: str | None) -> None:
     """Pareto-front report of the config's study: figures, front.csv, report.md, index.html.
-    Everything is read from the study's own record, whatever else the config now says."""
+    Everything but `report.budgets` is read from the study's own record, whatever the config says."""
     from pathlib import Path
 
     from pipeline.report import write_report
 
     config = _resolve_config(config_path, assignments, {})
     study, tracker = _open_study(config, storage, tracking_uri)
-    folder = write_report(study, Path(out or Path("reports") / config.name), tracker)
+    folder = write_report(study, Path(out or Path("reports") / config.name), tracker,
+                          config.report.budgets)
     click.echo(f"report written to {folder}/ (open index.html) and logged to the study's "
                "MLflow run")
 

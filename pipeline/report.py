@@ -1,7 +1,8 @@
 """Report stage: render what `pipeline.front` chose from a study into figures, a table and a page.
 
 Everything comes from the study's own record (its stored config, base model and trials), never
-from the command line's config, so a report always describes the study as it was run.
+from the command line's config, so a report always describes the study as it was run; only the
+SynOps budgets to quote are the reader's question, and may be asked anew.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _comparison(knee: pd.Series, name: str, accuracy: float, synops: float) -> s
 
 def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame,
                    front: pd.DataFrame, knee: Knee, reference_point: tuple[float, float],
-                   tracker: Tracker) -> list[tuple[str, object]]:
+                   budgets: list[float], tracker: Tracker) -> list[tuple[str, object]]:
     """The report's content as (kind, value) blocks, rendered to Markdown and HTML alike."""
     config, base = record.config, record.base
     counts = study_counts(study)
@@ -134,7 +135,7 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
             "the data and cannot be trained away"]),
         ("h2", "Best accuracy within a SynOps budget"),
         ("p", "Chosen on validation (accuracy among trials whose validation SynOps fit)."),
-        ("table", budget_table(frame, config.report.budgets)),
+        ("table", budget_table(frame, budgets)),
         ("h2", "Energy per sample of the knee"),
         ("table", pd.DataFrame([
             {"chip": chip, "pJ/SynOp": p.picojoules_per_synop,
@@ -163,7 +164,7 @@ def render_markdown(blocks: list[tuple[str, object]]) -> str:
         elif kind == "h2":
             parts.append(f"## {value}")
         elif kind == "table":
-            parts.append(value.to_markdown(index=False))
+            parts.append(value.to_markdown(index=False, disable_numparse=True))  # keep our formatting
         elif kind == "img":
             parts.append(f"![{value}]({value})")
         elif kind == "list":
@@ -212,9 +213,11 @@ def _check_output(out: Path) -> None:
                                 "choose an empty or new folder with --out")
 
 
-def write_report(study: optuna.Study, out: Path, tracker: Tracker) -> Path:
+def write_report(study: optuna.Study, out: Path, tracker: Tracker,
+                 budgets: list[float] | None = None) -> Path:
     """Write every report file into `out` (replacing a previous report whole, never half-written,
     and refusing any other non-empty folder) and log the folder to the study's parent MLflow run.
+    `budgets` are the SynOps budgets to quote (default: the study's own `report.budgets`).
     Raises `EmptyStudyError` if nothing finished, `UnsafeOutputError` for a foreign folder."""
     _check_output(out)
     frame = trials_frame(study)
@@ -246,7 +249,8 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker) -> Path:
                    *[layer_column(name) for name in record.layers],
                    *[energy_column(chip) for chip in CHIP_PROFILES], "mlflow_run_id"]
         front[columns].to_csv(staging / "front.csv", index=False)
-        blocks = summary_blocks(study, record, frame, front, knee, reference_point, tracker)
+        blocks = summary_blocks(study, record, frame, front, knee, reference_point,
+                                budgets or record.config.report.budgets, tracker)
         (staging / "report.md").write_text(render_markdown(blocks))
         (staging / "index.html").write_text(render_html(blocks, f"{study.study_name} report"))
     except BaseException:

@@ -27,3 +27,4 @@ def test_sum_pool_adds_each_window() -> None:
     torch.testing.assert_close(SumPool2d(2)(x), sl.SumPool2d(2)(x))
     assert SumPool2d(2)(torch.ones(1, 1, 4, 4)).eq(4).all()
     assert SumPool2d(3, stride=1)(x).shape == (2, 3, 6, 6)
+

@@ -324,3 +324,17 @@ def test_a_study_whose_base_checkpoint_is_lost_stops_with_the_run_to_restore(
     result = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=2"))
     assert result.exit_code == 1, result.output
     assert base_run in result.output and "cannot be read" in result.output
+
+
+def test_a_single_worker_sweep_loads_the_data_once(
+    idx_root: Path, stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[object] = []
+
+    def counted(config: object):
+        loads.append(config)
+        return load_dataset(config)
+
+    monkeypatch.setattr(workers, "load_dataset", counted)
+    sweep(smoke(idx_root, **{"study.n_trials": 2}), stores)
+    assert len(loads) == 1

@@ -140,3 +140,13 @@ def test_channels_last_feature_maps_count_the_same() -> None:
     assert reference[0].weight.is_contiguous()
     for name, value in plain.per_layer.items():
         torch.testing.assert_close(fast.per_layer[name], value, rtol=1e-6, atol=0)
+
+
+def test_building_a_model_leaves_the_global_random_state_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_model(ModelConfig())
+    assert torch.equal(torch.rand(3), expected)
+    for a, b in zip(first.parameters(), build_model(ModelConfig()).parameters(), strict=True):
+        assert torch.equal(a, b)  # the same config always starts from the same network

@@ -42,11 +42,12 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # Keys a resumed study may change: how long it runs, how it watches its workers, where this
-# machine keeps its files and computes, and its sampler seed (each machine of a team needs its own).
-# Everything else defines what the trials mean.
+# machine keeps its files and computes, its sampler seed (each machine of a team needs its own) and
+# the budgets a report quotes. Everything else defines what the trials mean.
 RESUMABLE_KEYS = frozenset({
     "study.n_trials", "study.max_consecutive_failures", "study.heartbeat_interval",
     "study.grace_period", "study.seed", "data.root", "data.verify_checksums", "device",
+    "report.budgets",
 })
 
 
@@ -174,6 +175,9 @@ def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker,
         close_orphaned_runs(study, tracker)
         tracker.reopen(record.parent_run_id)
     else:  # new, or a preparation that died before it finished
+        unfinished = study.user_attrs.get(ATTR_PARENT_RUN)
+        if unfinished and tracker.status(unfinished) == "RUNNING":
+            tracker.close(unfinished, "FAILED", "the study's preparation did not finish; redone")
         record = _create_record(study, config, storage_url, tracker, experiment_id, dataset,
                                 progress, should_stop)
     ensure_reference_trial(study, config)
