@@ -43,8 +43,7 @@ def _fail_cleanly(command: Callable) -> Callable:
     """Turn the pipeline's expected errors into a one-line message and exit status 1, and an
     interruption into exit status 130."""
     from pipeline.data import DataError
-    from pipeline.export import ExportError
-    from pipeline.front import StudyFormatError
+    from pipeline.front import NoSuchTrialError, StudyFormatError
     from pipeline.report import EmptyStudyError, UnsafeOutputError
     from pipeline.sweep.storage import StudyNotFoundError
     from pipeline.sweep.workers import BaseModelUnavailableError, TooManyFailuresError, WorkerError
@@ -53,7 +52,7 @@ def _fail_cleanly(command: Callable) -> Callable:
 
     failures = (DataError, DivergedError, FileNotFoundError, WorkerError, TooManyFailuresError,
                 BaseModelUnavailableError, TrackingError, StudyNotFoundError, StudyFormatError,
-                EmptyStudyError, ExportError)
+                EmptyStudyError, NoSuchTrialError)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -240,10 +239,15 @@ def report(config_path: str, assignments: tuple[str, ...], tracking_uri: str | N
 @click.option("--knee", is_flag=True, help="Export the front's knee point.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: exports/<study>-trial-<N>].")
+@click.option("--format", "formats", type=click.Choice(["state-dict", "nir"]), multiple=True,
+              default=("state-dict",), show_default=True,
+              help="nir adds model.nir, the spiking network (settings from [snn]) for chip toolchains.")
 @_fail_cleanly
 def export(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
-           storage: str | None, trial_number: int | None, knee: bool, out: str | None) -> None:
-    """Write one trial's checkpoint, config and a JSON card (accuracy, SynOps, energy)."""
+           storage: str | None, trial_number: int | None, knee: bool, out: str | None,
+           formats: tuple[str, ...]) -> None:
+    """Write one trial's checkpoint, config and a JSON card (accuracy, SynOps, energy), and with
+    --format nir its spiking network as NIR."""
     from pathlib import Path
 
     from pipeline.export import export_trial
@@ -253,5 +257,45 @@ def export(config_path: str, assignments: tuple[str, ...], tracking_uri: str | N
     config = _resolve_config(config_path, assignments, {})
     study, tracker = _open_study(config, storage, tracking_uri)
     folder = Path(out or Path("exports") / f"{config.name}-{'knee' if knee else trial_number}")
-    card = export_trial(study, folder, tracker, trial_number)
-    click.echo(f"exported to {card.parent}/: model.pt, config.toml, card.json")
+    card = export_trial(study, folder, tracker, trial_number,
+                        nir_settings=config.snn if "nir" in formats else None)
+    written = "model.pt, config.toml, card.json" + (", model.nir" if "nir" in formats else "")
+    click.echo(f"exported to {card.parent}/: {written}")
+
+
+@main.command()
+@config_option
+@set_option
+@tracking_option
+@storage_option
+@click.option("--trial", "trial_number", type=click.IntRange(min=0), default=None,
+              help="Check this finished trial.")
+@click.option("--knee", is_flag=True, help="Check the front's knee.")
+@click.option("--front", "whole_front", is_flag=True, help="Check every front member.")
+@click.option("--max-samples", type=click.IntRange(min=0), default=None,
+              help="Test images to simulate [default: snn.max_samples; 0 = all 10,000].")
+@quiet_option
+@_fail_cleanly
+def snn(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
+        storage: str | None, trial_number: int | None, knee: bool, whole_front: bool,
+        max_samples: int | None, quiet: bool) -> None:
+    """Simulate study members as spiking networks (settings in [snn]) and log what the ANN's
+    SynOps estimate and predictions become; the report shows it."""
+    import dataclasses
+
+    from pipeline.snn_check import check_members, chosen_members, describe
+
+    if sum([trial_number is not None, knee, whole_front]) != 1:
+        raise click.UsageError("give exactly one of --trial N, --knee or --front")
+    overrides = {"snn.max_samples": max_samples} if max_samples is not None else {}
+    config = _resolve_config(config_path, assignments, {})
+    config = dataclasses.replace(config, snn=dataclasses.replace(config.snn, **{
+        k.removeprefix("snn."): v for k, v in overrides.items()}))
+    study, tracker = _open_study(config, storage, tracking_uri)
+    members = chosen_members(study, trial_number, knee)
+    subset = (f"the first {config.snn.max_samples} test images" if config.snn.max_samples
+              else "the whole test set")
+    click.echo(f"simulating {len(members)} member(s) on {subset} (set --max-samples 0 for all)")
+    for member, result in zip(members, check_members(study, members, config, tracker,
+                                                     progress=not quiet), strict=True):
+        click.echo(describe(member, result))

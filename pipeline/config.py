@@ -25,6 +25,9 @@ PENALTIES = ("none", "mse", "hinge")
 SCHEDULES = ("constant", "cosine", "onecycle")
 DATASETS = ("mnist", "fashion-mnist")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
+ENCODINGS = ("regular", "poisson", "rate")
+SPIKE_FUNCTIONS = ("multi", "single")
+MAX_PIXEL_COUNT = 255  # a pixel value 0..255 is read as that many input spikes
 # What every supported dataset gives the model: (input channels, image side, classes).
 DATASET_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
@@ -219,6 +222,39 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class SNNConfig:
+    """How a trained network is checked as a spiking network (sinabs integrate-and-fire neurons).
+
+    `encoding` turns a pixel's spike count into spikes over `steps` time steps: `regular` spreads
+    the count evenly, `poisson` puts the same count at random steps (seeded), `rate` draws a
+    Bernoulli spike per step with probability value / 255 (so `steps` = 255 matches the ANN's
+    counts on average). `single` spiking neurons fire at most once per step and are then also fed
+    at most one input spike per step. `min_v_mem` bounds the membrane from below (-1, minus the
+    threshold, as sinabs' NIR import and DYNAP-CNN chips use; -inf for no bound)."""
+
+    encoding: Literal["regular", "poisson", "rate"] = "regular"
+    steps: int = 8
+    spike_fn: Literal["multi", "single"] = "multi"
+    min_v_mem: float = -1.0
+    batch_size: int = 100
+    max_samples: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.encoding in ENCODINGS, "snn.encoding", f"must be one of {ENCODINGS}")
+        _require(self.spike_fn in SPIKE_FUNCTIONS, "snn.spike_fn", f"must be one of {SPIKE_FUNCTIONS}")
+        _require(self.steps > 0, "snn.steps", "must be > 0")
+        _require(self.batch_size > 0, "snn.batch_size", "must be > 0")
+        _require(self.max_samples >= 0, "snn.max_samples", "must be >= 0 (0 = the whole test set)")
+        _require(not math.isnan(self.min_v_mem) and self.min_v_mem < 0, "snn.min_v_mem",
+                 "must be < 0 (-inf for no lower bound)")
+        if self.spike_fn == "single" and self.encoding != "rate":
+            _require(self.steps >= MAX_PIXEL_COUNT, "snn.steps",
+                     f"single-spike input needs a step for each of up to {MAX_PIXEL_COUNT} spikes "
+                     f"a pixel carries: >= {MAX_PIXEL_COUNT}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment. `pretrain`, when set, trains an unpenalised base model that `train`
     fine-tunes; the study's trials all fine-tune from it."""
@@ -230,6 +266,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    snn: SNNConfig = field(default_factory=SNNConfig)
     device: str = "cpu"
 
     def __post_init__(self) -> None:

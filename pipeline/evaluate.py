@@ -82,6 +82,41 @@ class Evaluation:
         return {f"{prefix}_{key}": float(v) for key, v in values.items()}
 
 
+@dataclass(frozen=True)
+class SpikingEvaluation:
+    """A trained network run as a spiking network on `samples` test images, beside the ANN's own
+    numbers on the same images: how far the SynOps estimate and the predictions carry over."""
+
+    settings: dict[str, Any]
+    samples: int
+    accuracy: float
+    ann_accuracy: float
+    agreement: float  # fraction of images where the SNN predicts what the ANN predicts
+    synops_mean: float
+    ann_synops_mean: float
+    synops_per_layer: dict[str, float]
+    ann_synops_per_layer: dict[str, float]
+
+    @property
+    def synops_ratio(self) -> float:
+        """Measured SNN SynOps over the ANN's estimate."""
+        return self.synops_mean / self.ann_synops_mean
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SpikingEvaluation:
+        return cls(**record)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metric names as logged to the member's run."""
+        return {"snn_test_accuracy": self.accuracy, "snn_test_synops_mean": self.synops_mean,
+                "snn_synops_ratio": self.synops_ratio, "snn_agreement": self.agreement,
+                "snn_samples": float(self.samples),
+                **{f"snn_test_synops_{name}": v for name, v in self.synops_per_layer.items()}}
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, split: Split, batch_size: int = 1000, with_synops: bool = True

@@ -8,20 +8,26 @@ from pathlib import Path
 import optuna
 import torch
 
+from pipeline.config import SNNConfig
 from pipeline.evaluate import energy_per_sample
-from pipeline.front import TrialRecord, choose_knee, finished_trials, front_table, trials_frame
+from pipeline.front import (
+    NoSuchTrialError,
+    StudyRecord,
+    TrialRecord,
+    choose_knee,
+    finished_trials,
+    front_table,
+    trials_frame,
+)
+from pipeline.model import build_model
 from pipeline.tracking import Tracker
-
-
-class ExportError(LookupError):
-    """There is no finished trial to export (none yet, or not the one asked for)."""
 
 
 def _chosen(study: optuna.Study, trial_number: int | None) -> tuple[TrialRecord, bool, str]:
     """The trial to export, whether it is on the front, and why it was chosen."""
     records = {r.number: r for r in finished_trials(study)}
     if not records:
-        raise ExportError(f"study '{study.study_name}' has no finished trial to export")
+        raise NoSuchTrialError(f"study '{study.study_name}' has no finished trial to export")
     front = {t.number for t in study.best_trials}
     if trial_number is None:
         members = front_table(trials_frame(study))
@@ -32,18 +38,23 @@ def _chosen(study: optuna.Study, trial_number: int | None) -> tuple[TrialRecord,
         reason = "asked for by number"
     if trial_number not in records:
         finished = ", ".join(str(n) for n in sorted(records))
-        raise ExportError(f"trial {trial_number} is not a finished trial (finished: {finished})")
+        raise NoSuchTrialError(f"trial {trial_number} is not a finished trial (finished: {finished})")
     return records[trial_number], trial_number in front, reason
 
 
-def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number: int | None = None
-                 ) -> Path:
+def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number: int | None = None,
+                 nir_settings: SNNConfig | None = None) -> Path:
     """Write `model.pt` (a state dict), its `config.toml` and `card.json` for trial `trial_number`,
-    or for the front's knee when it is None. Returns the card's path."""
+    or for the front's knee when it is None; with `nir_settings`, also `model.nir`, the spiking
+    network those settings describe. Returns the card's path."""
     record, on_front, reason = _chosen(study, trial_number)
+    study_record = StudyRecord.load(study)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(tracker.load_checkpoint(record.run_id), out / "model.pt")
+    state = tracker.load_checkpoint(record.run_id)
+    torch.save(state, out / "model.pt")
     tracker.download(record.run_id, "config.toml", out)
+    model_config = study_record.config.model
+    input_shape = (model_config.in_channels, model_config.input_size, model_config.input_size)
     test = record.test
     card = {
         "study": study.study_name,
@@ -61,11 +72,30 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
         },
         "synops_per_layer": test.synops_per_layer,
         "energy_uj_per_sample": energy_per_sample(test.synops_mean),
+        "input_shape": list(input_shape),
         "input_encoding": "pixel value 0..255 read as a spike count",
         "activations": "NeuromorphicReLU: floor(relu(x)) spike counts; SumPool2d: window sums",
         "load_with": "pipeline.model.build_model(config.model).load_state_dict("
                      "torch.load('model.pt', weights_only=True))",
     }
+    if nir_settings is not None:
+        from pipeline.snn import write_nir  # sinabs and nir load only when a simulation is asked for
+
+        model = build_model(model_config)
+        model.load_state_dict(state)
+        write_nir(model, nir_settings, input_shape, out / "model.nir")
+        card["nir"] = {
+            "file": "model.nir",
+            "spiking_settings": {k: getattr(nir_settings, k)
+                                 for k in ("encoding", "steps", "spike_fn", "min_v_mem")},
+            "input": f"{nir_settings.steps} time steps of {list(input_shape)} spike counts per "
+                     f"sample ({nir_settings.encoding} encoding of the pixel counts)",
+            "neurons": "NIR IF (integrate-and-fire, threshold 1, subtractive reset); NIR cannot "
+                       "hold the membrane's lower bound or multi-spike output, which sinabs' "
+                       "import rebuilds as -1 and multi-spike",
+            "read_with": "sinabs.nir.from_nir(nir.read('model.nir'), "
+                         f"num_timesteps={nir_settings.steps})",
+        }
     path = out / "card.json"
     path.write_text(json.dumps(card, indent=2) + "\n")
     return path

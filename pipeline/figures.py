@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 
+from pipeline.evaluate import SpikingEvaluation  # noqa: E402
 from pipeline.front import PARAM_COLUMNS, BaseRecord, layer_column  # noqa: E402
 
 
@@ -120,6 +121,24 @@ def layers_png(front: pd.DataFrame, layers: dict[str, str], path: Path) -> None:
            title="Where each front member spends its SynOps, by weight layer")
     ax.legend(title="layer (its input is counted)", fontsize=8, loc="upper left",
               bbox_to_anchor=(1.01, 1.0))
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=130)
+    plt.close(ax.figure)
+
+
+def snn_layers_png(check: SpikingEvaluation, layers: dict[str, str], trial: int, path: Path) -> None:
+    """Per layer: the ANN's SynOps estimate beside the spiking network's measured SynOps."""
+    table = pd.DataFrame({"ANN estimate": [check.ann_synops_per_layer[n] for n in layers],
+                          "SNN measured": [check.synops_per_layer[n] for n in layers]},
+                         index=list(layers.values()))
+    ax = table.plot.bar(figsize=(9, 4.5), rot=0, color=["tab:blue", "tab:orange"])
+    settings = check.settings
+    ax.set(ylabel="mean SynOps per test sample", xlabel="weight layer (its input is counted)",
+           title=f"Knee (trial {trial}) as a spiking network: {settings['encoding']} encoding, "
+                 f"{settings['steps']} steps, {settings['spike_fn']}-spike, {check.samples} images; "
+                 f"total {check.synops_ratio:.4f} x the estimate")
+    ax.title.set_fontsize(9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.figure.tight_layout()
     ax.figure.savefig(path, dpi=130)
     plt.close(ax.figure)

@@ -16,7 +16,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import ExperimentConfig, config_from_dict
-from pipeline.evaluate import Evaluation, energy_per_sample
+from pipeline.evaluate import Evaluation, SpikingEvaluation, energy_per_sample
 
 # The objectives, in Optuna's order: validation accuracy up, mean validation SynOps per sample down.
 DIRECTIONS = ("maximize", "minimize")
@@ -36,11 +36,17 @@ ATTR_VAL = "val"
 ATTR_TEST = "test"
 ATTR_SECONDS = "seconds"
 ATTR_SURPLUS = "surplus"  # pruned at once: the study already had n_trials trials
+# Study user attribute per member checked as a spiking network (finished trials are read-only).
+SNN_ATTR_PREFIX = "snn_check."
 PARAM_COLUMNS = ("penalty", "penalty_strength", "target_synops", "epochs", "lr")
 
 KNEE_BULGE = "bulge"
 KNEE_IDEAL = "ideal"
 KNEE_SINGLE = "single"
+
+
+class NoSuchTrialError(LookupError):
+    """The study has no finished trial to choose (none yet, or not the one asked for)."""
 
 
 class StudyFormatError(RuntimeError):
@@ -136,6 +142,16 @@ def finished_trials(study: optuna.Study) -> list[TrialRecord]:
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
+def snn_attr(trial: int) -> str:
+    return f"{SNN_ATTR_PREFIX}{trial}"
+
+
+def spiking_checks(study: optuna.Study) -> dict[int, SpikingEvaluation]:
+    """The latest spiking check of each member that has one, by trial number."""
+    return {int(key.removeprefix(SNN_ATTR_PREFIX)): SpikingEvaluation.from_record(value)
+            for key, value in study.user_attrs.items() if key.startswith(SNN_ATTR_PREFIX)}
+
+
 def layer_column(layer: str) -> str:
     """The trials-table column of one layer's mean test SynOps."""
     return f"test_synops_{layer}"
@@ -165,15 +181,30 @@ def _row(record: TrialRecord) -> dict[str, Any]:
     }
 
 
+SNN_COLUMNS = ("snn_test_accuracy", "snn_agreement", "snn_synops_ratio", "snn_samples", "snn_settings")
+
+
+def _snn_row(check: SpikingEvaluation | None) -> dict[str, Any]:
+    if check is None:
+        return dict.fromkeys(SNN_COLUMNS)
+    settings = check.settings
+    return {"snn_test_accuracy": check.accuracy, "snn_agreement": check.agreement,
+            "snn_synops_ratio": check.synops_ratio, "snn_samples": check.samples,
+            "snn_settings": f"{settings['encoding']}, {settings['steps']} steps, "
+                            f"{settings['spike_fn']}-spike"}
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per finished trial, and whether it is on the Pareto front (Optuna's
     `best_trials`, computed on the validation objectives). Parameters a study never searched are
     left out."""
     front = {t.number for t in study.best_trials}
-    frame = pd.DataFrame([_row(r) | {"on_front": r.number in front} for r in finished_trials(study)])
+    checks = spiking_checks(study)
+    frame = pd.DataFrame([_row(r) | {"on_front": r.number in front} | _snn_row(checks.get(r.number))
+                          for r in finished_trials(study)])
     if frame.empty:
         return frame
-    unused = [c for c in PARAM_COLUMNS if frame[c].isna().all()]
+    unused = [c for c in (*PARAM_COLUMNS, *SNN_COLUMNS) if frame[c].isna().all()]
     return frame.drop(columns=unused)
 
 

@@ -19,10 +19,11 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from pipeline.evaluate import CHIP_PROFILES
-from pipeline.figures import hypervolume_png, layers_png, pareto_html, pareto_png
+from pipeline.figures import hypervolume_png, layers_png, pareto_html, pareto_png, snn_layers_png
 from pipeline.front import (
     ATTR_SECONDS,
     PARAM_COLUMNS,
+    SNN_COLUMNS,
     Knee,
     StudyRecord,
     best_within_budgets,
@@ -32,6 +33,7 @@ from pipeline.front import (
     hypervolume_history,
     hypervolume_reference,
     layer_column,
+    spiking_checks,
     study_counts,
     trials_frame,
 )
@@ -63,6 +65,10 @@ def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "senec
     shown["p95"] = front["test_synops_p95"].map("{:.3g}".format)
     for chip in chips:
         shown[f"µJ/sample {chip}"] = front[energy_column(chip)].map("{:.3g}".format)
+    if "snn_test_accuracy" in front:
+        checked = front["snn_test_accuracy"].notna()
+        shown["SNN acc"] = front["snn_test_accuracy"].map("{:.2%}".format).where(checked, "")
+        shown["SNN/ANN SynOps"] = front["snn_synops_ratio"].map("{:.4f}".format).where(checked, "")
     shown["MLflow run"] = front["mlflow_run_id"].str[:8]
     return shown
 
@@ -94,6 +100,27 @@ def _comparison(knee: pd.Series, name: str, accuracy: float, synops: float) -> s
     return (f"vs the {name} ({accuracy:.2%} at {synops:.3g} SynOps): {ratio:.2f}x "
             f"fewer SynOps ({1 - knee['test_synops_mean'] / synops:.0%} less), accuracy "
             f"{(knee['test_accuracy'] - accuracy) * 100:+.2f} points")
+
+
+def _spiking_blocks(front: pd.DataFrame, knee: pd.Series) -> list[tuple[str, object]]:
+    """What the spiking check found for the front members that have one (`synops snn`), and the
+    knee's per-layer figure when the knee is among them."""
+    if "snn_test_accuracy" not in front:
+        return [("p", "No front member has been checked as a spiking network yet: "
+                      "`synops snn --config <config> --front` does it.")]
+    checked = front[front["snn_test_accuracy"].notna()]
+    rows = [f"trial {int(r['trial'])}: SNN {r['snn_test_accuracy']:.2%} "
+            f"({r['snn_agreement']:.1%} same predictions as the ANN), SynOps {r['snn_synops_ratio']:.4f} "
+            f"x the ANN estimate; {int(r['snn_samples'])} test images, {r['snn_settings']}"
+            for _, r in checked.iterrows()]
+    blocks: list[tuple[str, object]] = [
+        ("h2", "Checked as a spiking network"),
+        ("p", "Each checked member simulated with sinabs integrate-and-fire neurons (subtractive "
+              "reset) on a subset of the test set; the SNN's SynOps measured over all time steps "
+              "against the ANN's estimate on the same images."),
+        ("list", rows)]
+    knee_checked = pd.notna(knee.get("snn_test_accuracy"))
+    return blocks + ([("img", "snn_layers.png")] if knee_checked else [])
 
 
 def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame,
@@ -133,6 +160,7 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
             for _, r in frame[frame["kind"] == "reference"].iterrows()]
          + [f"input-layer floor: {base.test.input_layer_synops:.3g} SynOps per sample are set by "
             "the data and cannot be trained away"]),
+        *_spiking_blocks(front, member),
         ("h2", "Best accuracy within a SynOps budget"),
         ("p", "Chosen on validation (accuracy among trials whose validation SynOps fit)."),
         ("table", budget_table(frame, budgets)),
@@ -243,11 +271,16 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
         hypervolume_png(hypervolume_history(frame, reference_point), reference_point,
                         staging / "hypervolume.png")
         layers_png(front, layers, staging / "layers.png")
+        checks = spiking_checks(study)
+        if int(member["trial"]) in checks:
+            snn_layers_png(checks[int(member["trial"])], layers, int(member["trial"]),
+                           staging / "snn_layers.png")
         columns = ["trial", "kind", *[c for c in PARAM_COLUMNS if c in front],
                    "val_accuracy", "val_synops_mean", "test_accuracy", "test_synops_mean",
                    "test_synops_p50", "test_synops_p95", "test_synops_max",
                    *[layer_column(name) for name in record.layers],
-                   *[energy_column(chip) for chip in CHIP_PROFILES], "mlflow_run_id"]
+                   *[energy_column(chip) for chip in CHIP_PROFILES],
+                   *[c for c in SNN_COLUMNS if c in front], "mlflow_run_id"]
         front[columns].to_csv(staging / "front.csv", index=False)
         blocks = summary_blocks(study, record, frame, front, knee, reference_point,
                                 budgets or record.config.report.budgets, tracker)

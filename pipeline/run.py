@@ -69,8 +69,8 @@ def curves_figure(history: TrainHistory) -> Any:
 def run_params(config: ExperimentConfig) -> dict[str, Any]:
     """A training run's MLflow params: what defines it (the study's settings are its parent's)."""
     values = config.to_dict()
-    values.pop("study")
-    values.pop("report")
+    for table in ("study", "report", "snn"):
+        values.pop(table)
     return flatten(values)
 
 

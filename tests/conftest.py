@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 
-from pipeline.data import _write_idx
+from pipeline.config import load_config
+from pipeline.data import _write_idx, load_dataset
+from pipeline.sweep.storage import prepare_study
+from pipeline.sweep.workers import run_sweep
+from pipeline.tracking import Tracker
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -55,3 +61,23 @@ def smoke_overrides(idx_root: Path) -> dict[str, object]:
         "data.max_train_samples": 0,
         "data.val_size": 100,
     }
+
+
+@pytest.fixture(scope="module")
+def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[str]]:
+    """A smoke study with one failed (diverged) trial and one still running (as if another worker
+    were busy with it), and the CLI args that reach it."""
+    folder = tmp_path_factory.mktemp("study")
+    storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
+    overrides = smoke_overrides(idx_root) | {"study.n_trials": 6, "train.max_batches": 0}
+    config = load_config(EXPERIMENTS / "smoke.toml", overrides)
+    prepared = prepare_study(config, storage, Tracker(tracking), lambda: load_dataset(config.data),
+                             progress=False)
+    low = prepared.record.bounds.target_synops[0]
+    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": low, "penalty": "mse"})
+    run_sweep(config, storage, tracking, quiet=True, echo=lambda line: None)
+    optuna.load_study(study_name="smoke", storage=storage).ask()
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]
+    args = ["--config", str(EXPERIMENTS / "smoke.toml"), "--storage", storage,
+            "--tracking-uri", tracking, *sets]
+    return storage, tracking, args

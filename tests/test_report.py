@@ -15,33 +15,9 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.data import load_dataset
 from pipeline.front import choose_knee, front_table, trials_frame
 from pipeline.model import build_model
-from pipeline.sweep.storage import prepare_study
-from pipeline.sweep.workers import run_sweep
-from pipeline.tracking import Tracker
-from tests.conftest import EXPERIMENTS, smoke_overrides
-
-
-@pytest.fixture(scope="module")
-def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[str]]:
-    """A smoke study with one failed (diverged) trial and one still running (as if another worker
-    were busy with it), and the CLI args that reach it."""
-    folder = tmp_path_factory.mktemp("study")
-    storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
-    overrides = smoke_overrides(idx_root) | {"study.n_trials": 6, "train.max_batches": 0}
-    config = load_config(EXPERIMENTS / "smoke.toml", overrides)
-    prepared = prepare_study(config, storage, Tracker(tracking), lambda: load_dataset(config.data),
-                             progress=False)
-    low = prepared.record.bounds.target_synops[0]
-    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": low, "penalty": "mse"})
-    run_sweep(config, storage, tracking, quiet=True, echo=lambda line: None)
-    optuna.load_study(study_name="smoke", storage=storage).ask()
-    sets = [f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]
-    args = ["--config", str(EXPERIMENTS / "smoke.toml"), "--storage", storage,
-            "--tracking-uri", tracking, *sets]
-    return storage, tracking, args
+from tests.conftest import EXPERIMENTS
 
 
 def test_report_files_hold_the_front(study_stores: tuple[str, str, list[str]], tmp_path: Path) -> None:

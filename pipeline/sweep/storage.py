@@ -6,6 +6,7 @@ storage, and heartbeats turn a trial whose process died into FAIL and retry it.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.config import ConfigError, ExperimentConfig, differing_keys, flatten
+from pipeline.config import ConfigError, ExperimentConfig, SNNConfig, differing_keys, flatten
 from pipeline.data import Dataset
 from pipeline.evaluate import evaluate
 from pipeline.front import (
@@ -42,12 +43,13 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # Keys a resumed study may change: how long it runs, how it watches its workers, where this
-# machine keeps its files and computes, its sampler seed (each machine of a team needs its own) and
-# the budgets a report quotes. Everything else defines what the trials mean.
+# machine keeps its files and computes, its sampler seed (each machine of a team needs its own),
+# the budgets a report quotes and how members are checked as spiking networks. Everything else
+# defines what the trials mean.
 RESUMABLE_KEYS = frozenset({
     "study.n_trials", "study.max_consecutive_failures", "study.heartbeat_interval",
     "study.grace_period", "study.seed", "data.root", "data.verify_checksums", "device",
-    "report.budgets",
+    "report.budgets", *(f"snn.{f.name}" for f in dataclasses.fields(SNNConfig)),
 })
 
 

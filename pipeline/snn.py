@@ -1,0 +1,164 @@
+"""Spiking simulation: a trained network run as a sinabs spiking network, to measure what the ANN's
+SynOps estimate and predictions become on the network a chip runs, and to export it as NIR.
+
+Our `NeuromorphicReLU` becomes sinabs' integrate-and-fire `IAFSqueeze` (subtractive reset), our
+`SumPool2d` sinabs' `SumPool2d`; the output is the last layer's sum over time. The only module
+that imports sinabs and nir (`sinabs.from_model` maps only its own layers, so ours are mapped
+here through sinabs' public `replace_module`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import nir
+import numpy as np
+import sinabs
+import sinabs.activation
+import sinabs.layers
+import sinabs.nir
+import torch
+from sinabs.conversion import replace_module
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import MAX_PIXEL_COUNT, SNNConfig
+from pipeline.data import Split, batches
+from pipeline.evaluate import SpikingEvaluation, evaluate
+from pipeline.layers import NeuromorphicReLU, SumPool2d
+from pipeline.synops import SynOpsCounter
+
+
+def to_spiking(model: nn.Module, config: SNNConfig) -> nn.Module:
+    """A spiking copy of `model` (any module tree) that takes (batch * steps, C, H, W) input."""
+    spike_fn = (sinabs.activation.MultiSpike if config.spike_fn == "multi"
+                else sinabs.activation.SingleSpike)
+    min_v_mem = None if math.isinf(config.min_v_mem) else config.min_v_mem
+
+    def neuron(_: nn.Module) -> nn.Module:
+        return sinabs.layers.IAFSqueeze(num_timesteps=config.steps, spike_fn=spike_fn,
+                                        reset_fn=sinabs.activation.MembraneSubtract(),
+                                        min_v_mem=min_v_mem)
+
+    spiking = replace_module(copy.deepcopy(model), NeuromorphicReLU, neuron)
+    spiking = replace_module(spiking, SumPool2d,
+                             lambda pool: sinabs.layers.SumPool2d(pool.kernel_size, pool.stride))
+    return spiking.eval()
+
+
+def encode(counts: torch.Tensor, config: SNNConfig, generator: torch.Generator) -> torch.Tensor:
+    """Spike trains (batch, steps, C, H, W) for integer spike counts (batch, C, H, W).
+
+    `regular` and `poisson` keep each pixel's count exactly; with single-spike neurons a step
+    carries at most one input spike. (Hand-written: sinabs has no encoder for given counts.)
+    """
+    counts = counts.round().long()
+    steps = config.steps
+    shape = (counts.shape[0], steps, *counts.shape[1:])
+    if config.encoding == "rate":
+        probability = (counts.float() / MAX_PIXEL_COUNT).unsqueeze(1).expand(shape)
+        return torch.bernoulli(probability, generator=generator)
+    if config.encoding == "regular":
+        ticks = torch.arange(steps + 1, device=counts.device).view(1, -1, *[1] * (counts.dim() - 1))
+        cumulative = (counts.unsqueeze(1) * ticks) // steps
+        return (cumulative[:, 1:] - cumulative[:, :-1]).float()
+    if config.spike_fn == "single":  # poisson, at most one spike per step: distinct random steps
+        keys = torch.rand(shape, generator=generator).to(counts.device)
+        ranks = keys.argsort(dim=1).argsort(dim=1)
+        return (ranks < counts.unsqueeze(1)).float()
+    # poisson, several spikes may share a step: each spike at a uniformly drawn step, as a
+    # multinomial split of the count one step at a time
+    spikes = torch.empty(shape, device=counts.device)
+    remaining = counts.float()
+    for step in range(steps):
+        here = torch.binomial(remaining.cpu(), torch.full_like(remaining.cpu(), 1 / (steps - step)),
+                              generator=generator).to(counts.device)
+        spikes[:, step] = here
+        remaining = remaining - here
+    return spikes
+
+
+@torch.no_grad()
+def simulate(model: nn.Module, split: Split, config: SNNConfig,
+             on_batch: Callable[[int], None] | None = None) -> SpikingEvaluation:
+    """Run `model` as a spiking network on the first `config.max_samples` images of `split` (all
+    when 0), next to the ANN on the same images. `on_batch` receives each batch's size."""
+    if config.max_samples:
+        split = Split(split.images[: config.max_samples], split.labels[: config.max_samples])
+    ann = evaluate(model, split, batch_size=config.batch_size)
+    spiking = to_spiking(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    steps, correct, agree, total = config.steps, 0, 0, 0.0
+    layer_sums: dict[str, float] = {}
+    model.eval()
+    with SynOpsCounter(spiking) as counter:
+        for images, labels in batches(split, config.batch_size):
+            sinabs.reset_states(spiking)
+            spikes = encode(images, config, generator)
+            frames = spikes.reshape(-1, *spikes.shape[2:])
+            outputs = spiking(frames).reshape(len(labels), steps, -1).sum(dim=1)
+            predictions = outputs.argmax(dim=1)
+            correct += (predictions == labels).sum().item()
+            agree += (predictions == model(images).argmax(dim=1)).sum().item()
+            # The counter averages over the batch * steps frames; a sample's SynOps are its
+            # frames' sum, so mean per sample = mean per frame * steps.
+            total += counter.total.item() * steps * len(labels)
+            for name, mean in counter.per_layer.items():
+                layer_sums[name] = layer_sums.get(name, 0.0) + mean.item() * steps * len(labels)
+            if on_batch is not None:
+                on_batch(len(labels))
+    n = len(split)
+    return SpikingEvaluation(
+        settings={k: getattr(config, k) for k in ("encoding", "steps", "spike_fn", "min_v_mem", "seed")},
+        samples=n, accuracy=correct / n, ann_accuracy=ann.accuracy, agreement=agree / n,
+        synops_mean=total / n, ann_synops_mean=ann.synops_mean,
+        synops_per_layer={name: s / n for name, s in layer_sums.items()},
+        ann_synops_per_layer=ann.synops_per_layer,
+    )
+
+
+def simulate_with_progress(model: nn.Module, split: Split, config: SNNConfig, label: str,
+                           progress: bool) -> SpikingEvaluation:
+    total = min(len(split), config.max_samples) if config.max_samples else len(split)
+    with tqdm(total=total, desc=label, unit="image", disable=not progress, leave=False) as bar:
+        return simulate(model, split, config, on_batch=bar.update)
+
+
+def write_nir(model: nn.Module, config: SNNConfig, input_shape: tuple[int, ...], path: Path) -> None:
+    """Write the spiking network as NIR (`nir.read` reads it; `sinabs.nir.from_nir` rebuilds it).
+
+    sinabs' export leaves convolutions' input shapes and the flatten's input type empty, which NIR's
+    writer refuses; they are filled in from one forward pass. NIR's IF neuron carries neither the
+    lower bound of the membrane nor multi-spike output: sinabs' import rebuilds both as -1 and
+    multi-spike, our default."""
+    spiking = to_spiking(model, config)
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [module.register_forward_pre_hook(
+        lambda _, inputs, name=name: shapes.__setitem__(name, tuple(inputs[0].shape[1:])))
+        for name, module in spiking.named_modules() if name]
+    sample = torch.zeros(config.steps, *input_shape)
+    with torch.no_grad():
+        spiking(sample)
+    for hook in hooks:
+        hook.remove()
+    sinabs.reset_states(spiking)
+    with warnings.catch_warnings():  # nirtorch deprecates the calls sinabs 3.1.3 makes inside
+        warnings.simplefilter("ignore", DeprecationWarning)
+        graph = sinabs.nir.to_nir(spiking, sample)
+    for name, node in graph.nodes.items():
+        if isinstance(node, nir.Conv2d) and node.input_shape is None:
+            node.input_shape = shapes[name][1:]
+        if isinstance(node, nir.Flatten) and (node.input_type or {}).get("input") is None:
+            node.input_type = {"input": np.array(shapes[name])}
+    nir.write(str(path), graph)
+
+
+def read_nir(path: Path, steps: int) -> nn.Module:
+    """A spiking network rebuilt by sinabs from a NIR file; it returns (output, state)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return sinabs.nir.from_nir(nir.read(str(path)), num_timesteps=steps)
