@@ -181,14 +181,16 @@ def _row(record: TrialRecord) -> dict[str, Any]:
     }
 
 
-SNN_COLUMNS = ("snn_test_accuracy", "snn_agreement", "snn_synops_ratio", "snn_samples", "snn_settings")
+SNN_COLUMNS = ("snn_test_accuracy", "snn_ann_accuracy", "snn_agreement", "snn_synops_ratio",
+               "snn_samples", "snn_settings")
 
 
 def _snn_row(check: SpikingEvaluation | None) -> dict[str, Any]:
     if check is None:
         return dict.fromkeys(SNN_COLUMNS)
     settings = check.settings
-    return {"snn_test_accuracy": check.accuracy, "snn_agreement": check.agreement,
+    return {"snn_test_accuracy": check.accuracy, "snn_ann_accuracy": check.ann_accuracy,
+            "snn_agreement": check.agreement,
             "snn_synops_ratio": check.synops_ratio, "snn_samples": check.samples,
             "snn_settings": f"{settings['encoding']}, {settings['steps']} steps, "
                             f"{settings['spike_fn']}-spike"}

@@ -109,15 +109,17 @@ def _spiking_blocks(front: pd.DataFrame, knee: pd.Series) -> list[tuple[str, obj
         return [("p", "No front member has been checked as a spiking network yet: "
                       "`synops snn --config <config> --front` does it.")]
     checked = front[front["snn_test_accuracy"].notna()]
-    rows = [f"trial {int(r['trial'])}: SNN {r['snn_test_accuracy']:.2%} "
-            f"({r['snn_agreement']:.1%} same predictions as the ANN), SynOps {r['snn_synops_ratio']:.4f} "
-            f"x the ANN estimate; {int(r['snn_samples'])} test images, {r['snn_settings']}"
+    rows = [f"trial {int(r['trial'])}: SNN {r['snn_test_accuracy']:.2%} vs ANN "
+            f"{r['snn_ann_accuracy']:.2%} on the same {int(r['snn_samples'])} test images "
+            f"({r['snn_agreement']:.1%} same predictions), SynOps {r['snn_synops_ratio']:.4f} x the "
+            f"ANN estimate; {r['snn_settings']}"
             for _, r in checked.iterrows()]
     blocks: list[tuple[str, object]] = [
         ("h2", "Checked as a spiking network"),
         ("p", "Each checked member simulated with sinabs integrate-and-fire neurons (subtractive "
-              "reset) on a subset of the test set; the SNN's SynOps measured over all time steps "
-              "against the ANN's estimate on the same images."),
+              "reset) on the first images of the test set (`SNN acc` in the front table is on "
+              "those images); the SNN's SynOps measured over all time steps against the ANN's "
+              "estimate on the same images."),
         ("list", rows)]
     knee_checked = pd.notna(knee.get("snn_test_accuracy"))
     return blocks + ([("img", "snn_layers.png")] if knee_checked else [])
