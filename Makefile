@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= experiments/mnist.toml
 TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 
-.PHONY: install test lint data train sweep report bench ui clean
+.PHONY: install test lint data train sweep report snn bench ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ sweep: $(STAMP)  ## the Optuna study of $(CONFIG): the accuracy-vs-SynOps front
 
 report: $(STAMP)  ## Pareto-front report of the study of $(CONFIG) in reports/
 	$(BIN)/synops report --config $(CONFIG)
+
+snn: $(STAMP)  ## every front member of $(CONFIG)'s study simulated as a spiking network
+	$(BIN)/synops snn --config $(CONFIG) --front
 
 bench: $(STAMP)  ## training-step speed vs the tutorial's loop, and the counter's overhead
 	$(BIN)/synops bench
