@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= experiments/mnist.toml
 TRACKING_URI ?= sqlite:///mlruns/mlflow.db
+STORAGE ?= sqlite:///mlruns/optuna.db
 
-.PHONY: install test lint data train sweep report snn bench ui clean
+.PHONY: install test lint data train sweep report snn bench ui dashboard clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,10 @@ bench: $(STAMP)  ## training-step speed vs the tutorial's loop, and the counter'
 
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1
+
+dashboard: $(STAMP)  ## optuna-dashboard on http://127.0.0.1:8080 (installs the dashboard extra)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dashboard]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/optuna-dashboard $(STORAGE) --host 127.0.0.1 --port 8080
 
 clean:
 	rm -rf reports .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import sys
 from collections.abc import Callable
@@ -89,7 +90,17 @@ storage_option = click.option(
     "--storage", default=None,
     help="Optuna storage URL [default: sqlite:///mlruns/optuna.db]; use postgresql://... to "
          "share one study between machines.")
-quiet_option = click.option("--quiet", is_flag=True, help="No progress bars; log lines only.")
+quiet_option = click.option(
+    "--quiet", is_flag=True,
+    help="No progress bars, timestamped log lines instead (automatic when not on a terminal).")
+
+
+def _output(quiet: bool) -> tuple[bool, Callable[[str], None]]:
+    """Progress bars only on a terminal; elsewhere (a log file, CI, a scheduler) timestamped lines,
+    so that a log reads like the terminal's summary and holds no control characters."""
+    if not quiet and sys.stderr.isatty():
+        return True, click.echo
+    return False, lambda line: click.echo(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {line}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,11 +142,16 @@ def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
     """Train one config (warm-started from its base model if it has [pretrain]); log to MLflow."""
     from pipeline.run import run_experiment
     from pipeline.tracking import Tracker, resolve_tracking_uri
+    from pipeline.train import epoch_line
 
     config = _resolve_config(config_path, assignments, flags)
     uri = resolve_tracking_uri(tracking_uri)
+    progress, echo = _output(quiet)
+    epochs = {"base model": config.pretrain.epochs if config.pretrain else 0, "train": config.train.epochs}
     with stop_on_signals():
-        result = run_experiment(config, Tracker(uri), progress=not quiet, should_stop=stop_requested)
+        result = run_experiment(
+            config, Tracker(uri), progress=progress, should_stop=stop_requested,
+            on_epoch=None if progress else lambda stage, s: echo(f"{stage} {epoch_line(s, epochs[stage])}"))
     click.echo(
         f"{config.name}: test accuracy {result.test.accuracy:.2%} at "
         f"{result.test.synops_mean:.3g} SynOps/sample (val {result.val.accuracy:.2%} at "
@@ -190,7 +206,8 @@ def sweep(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
     config = _resolve_config(config_path, assignments, {})
     uri, storage_url = resolve_tracking_uri(tracking_uri), resolve_storage(storage)
     with stop_on_signals():
-        study = run_sweep(config, storage_url, uri, workers=workers, quiet=quiet, echo=click.echo)
+        progress, echo = _output(quiet)
+        study = run_sweep(config, storage_url, uri, workers=workers, progress=progress, echo=echo)
     front = len(study.best_trials)
     click.echo(f"{config.name}: {front} trials on the front; study in {storage_url}, runs in {uri}. "
                f"Next: synops report --config {config_path}")
@@ -296,6 +313,7 @@ def snn(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None
     subset = (f"the first {config.snn.max_samples} test images" if config.snn.max_samples
               else "the whole test set")
     click.echo(f"simulating {len(members)} member(s) on {subset} (set --max-samples 0 for all)")
+    progress, _ = _output(quiet)
     for member, result in zip(members, check_members(study, members, config, tracker,
-                                                     progress=not quiet), strict=True):
+                                                     progress=progress), strict=True):
         click.echo(describe(member, result))

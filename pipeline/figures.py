@@ -93,7 +93,7 @@ def pareto_html(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord,
     fig.update_layout(title=f"{title}: accuracy vs SynOps (front chosen on validation)",
                       xaxis={"type": "log", "title": "mean SynOps per test sample"},
                       yaxis={"title": "test accuracy (%)"}, template="plotly_white")
-    fig.write_html(path, include_plotlyjs="directory")
+    fig.write_html(path, include_plotlyjs="directory", config={"displaylogo": False})  # no link out
 
 
 def hypervolume_png(history: pd.Series, reference: tuple[float, float], path: Path) -> None:

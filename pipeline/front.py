@@ -320,3 +320,34 @@ def study_counts(study: optuna.Study) -> StudyCounts:
         failed=sum(t.state == TrialState.FAIL for t in trials),
         running=sum(t.state == TrialState.RUNNING for t in trials),
     )
+
+
+NOTE_TAG = "mlflow.note.content"  # MLflow shows this tag as the run's description
+FRONT_TRIALS_TAG = "synops.front_trials"
+
+
+def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool) -> dict[str, str]:
+    """The study's parent run's description (the front, the knee, the files logged under it) and
+    the front's trial numbers as a tag, so `search_runs` can filter the front out of the trials."""
+    front = front_table(frame)
+    knee = front.loc[choose_knee(front).row]
+    counts = study_counts(study)
+    rows = "\n".join(
+        f"| {int(r['trial'])}{' (knee)' if r['trial'] == knee['trial'] else ''} | "
+        f"{r['val_accuracy']:.2%} | {r['val_synops_mean']:.3g} | {r['test_accuracy']:.2%} | "
+        f"{r['test_synops_mean']:.3g} | `{r['mlflow_run_id']}` |" for _, r in front.iterrows())
+    files = ["`front.csv`", "`pareto.png`"] + (
+        ["`report/index.html` (the whole report: download the `report` folder and open it)",
+         "`report/report.md`"] if with_report else ["the report, once `synops report` has run"])
+    note = (f"## Study `{study.study_name}`: accuracy vs SynOps\n\n"
+            f"{counts.finished} finished, {counts.failed} failed, {counts.running} running trials. "
+            "Front chosen on validation, fewest SynOps first:\n\n"
+            "| trial | val accuracy | val SynOps | test accuracy | test SynOps | run |\n"
+            "|---:|---:|---:|---:|---:|---|\n"
+            f"{rows}\n\n"
+            f"**Knee: trial {int(knee['trial'])}**, {knee['test_accuracy']:.2%} at "
+            f"{knee['test_synops_mean']:.3g} SynOps per test sample. Filter the front's runs with "
+            f"`tags.{FRONT_TRIALS_TAG}` on this run, or `tags.trial_number` on the child runs.\n\n"
+            f"Files logged under this run: {', '.join(files)}.\n")
+    return {NOTE_TAG: note,
+            FRONT_TRIALS_TAG: ",".join(str(n) for n in sorted(int(t) for t in front["trial"]))}

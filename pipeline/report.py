@@ -33,6 +33,7 @@ from pipeline.front import (
     hypervolume_history,
     hypervolume_reference,
     layer_column,
+    parent_run_tags,
     spiking_checks,
     study_counts,
     trials_frame,
@@ -294,5 +295,7 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
     if out.exists():
         shutil.rmtree(out)  # empty, or a report's own folder (checked above)
     staging.rename(out)
-    tracker.run(record.parent_run_id).log_folder(out, artifact_path="report")
+    parent = tracker.run(record.parent_run_id)
+    parent.log_folder(out, artifact_path="report")
+    parent.set_tags(parent_run_tags(study, frame, with_report=True))
     return out

@@ -88,9 +88,11 @@ def run_tracked(
     progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     on_start: Callable[[str], None] | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> RunResult:
     """Train `config.train` as one run, starting from `init_state` if given. `on_start` receives
-    the run id as soon as the run exists (so a crash can be traced to it).
+    the run id as soon as the run exists (so a crash can be traced to it), `on_epoch` each
+    epoch's numbers (for log lines where there are no progress bars).
 
     A run that raises (a diverging loss included) ends FAILED, one interrupted ends KILLED, with the
     reason in the tag `synops.failure_reason`; the exception is re-raised for the caller.
@@ -110,6 +112,8 @@ def run_tracked(
             values = dataclasses.asdict(stats)
             epoch = values.pop("epoch")
             run.log_metrics({f"epoch_{k}": v for k, v in values.items()}, step=epoch)
+            if on_epoch is not None:
+                on_epoch(stats)
 
         history = train(model, dataset, config.train, on_epoch=log_epoch, progress=progress,
                         should_stop=should_stop)
@@ -151,6 +155,7 @@ def load_base_model(tracker: Tracker, run_id: str) -> BaseModel:
 def ensure_base_model(
     config: ExperimentConfig, dataset: Dataset, tracker: Tracker, experiment_id: str,
     progress: bool = True, should_stop: Callable[[], bool] = lambda: False,
+    on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> BaseModel:
     """Reuse the finished base-model run for this data + model + pretraining, or train and log one.
 
@@ -172,14 +177,17 @@ def ensure_base_model(
             tracker.set_tag(run_id, "synops.unusable_reason", str(err)[:5000])
     base_config = dataclasses.replace(config, train=config.pretrain, pretrain=None)
     result = run_tracked(base_config, dataset, tracker, experiment_id, tags,
-                         run_name=f"base-{key[:8]}", progress=progress, should_stop=should_stop)
+                         run_name=f"base-{key[:8]}", progress=progress, should_stop=should_stop,
+                         on_epoch=on_epoch)
     return BaseModel(result.run_id, result.state_dict, result.val, result.test)
 
 
 def run_experiment(config: ExperimentConfig, tracker: Tracker, progress: bool = True,
-                   should_stop: Callable[[], bool] = lambda: False) -> RunResult:
+                   should_stop: Callable[[], bool] = lambda: False,
+                   on_epoch: Callable[[str, EpochStats], None] | None = None) -> RunResult:
     """`synops train`: load the data, warm-start as configured (`train.init_from`, else the base
-    model, else from scratch), train, evaluate, log."""
+    model, else from scratch), train, evaluate, log. `on_epoch` gets the stage's name with each
+    epoch's numbers."""
     dataset = load_dataset(config.data).to(config.device)
     experiment_id = tracker.experiment(config.name)
     tags = {TAG_ROLE: "train"}
@@ -192,7 +200,9 @@ def run_experiment(config: ExperimentConfig, tracker: Tracker, progress: bool = 
             raise FileNotFoundError(f"train.init_from: cannot load checkpoint {path}: {err}") from err
         tags["synops.init_from"] = str(path)
     elif config.pretrain is not None:
-        base = ensure_base_model(config, dataset, tracker, experiment_id, progress, should_stop)
+        base = ensure_base_model(config, dataset, tracker, experiment_id, progress, should_stop,
+                                 on_epoch and (lambda stats: on_epoch("base model", stats)))
         init_state, tags["synops.base_run_id"] = base.state_dict, base.run_id
     return run_tracked(config, dataset, tracker, experiment_id, tags, init_state=init_state,
-                       run_name="train", progress=progress, should_stop=should_stop)
+                       run_name="train", progress=progress, should_stop=should_stop,
+                       on_epoch=on_epoch and (lambda stats: on_epoch("train", stats)))

@@ -190,6 +190,10 @@ class Tracker:
             except ValueError as err:
                 raise TrackingError(f"run {run_id}: {artifact_file} is not JSON: {err}") from err
 
+    def has_artifact(self, run_id: str, artifact_path: str) -> bool:
+        folder = str(Path(artifact_path).parent) if Path(artifact_path).parent != Path(".") else None
+        return any(item.path == artifact_path for item in self._client.list_artifacts(run_id, folder))
+
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self._client.set_tag(run_id, key, value)
 

@@ -44,6 +44,14 @@ class EpochStats:
     seconds: float
 
 
+def epoch_line(stats: EpochStats, epochs: int) -> str:
+    """One line for people (and log files) per finished epoch."""
+    return (f"epoch {stats.epoch}/{epochs}: loss {stats.loss:.4g} (task {stats.task_loss:.4g}, "
+            f"penalty {stats.penalty_loss:.3g}), train accuracy {stats.train_accuracy:.2%}, "
+            f"val accuracy {stats.val_accuracy:.2%}, train SynOps {stats.train_synops:.3g}, "
+            f"{stats.seconds:.0f} s")
+
+
 @dataclass
 class TrainHistory:
     """Per-step and per-epoch records of one training stage, for curves and logs."""

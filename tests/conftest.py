@@ -75,7 +75,7 @@ def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
                              progress=False)
     low = prepared.record.bounds.target_synops[0]
     prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": low, "penalty": "mse"})
-    run_sweep(config, storage, tracking, quiet=True, echo=lambda line: None)
+    run_sweep(config, storage, tracking, progress=False, echo=lambda line: None)
     optuna.load_study(study_name="smoke", storage=storage).ask()
     sets = [f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]
     args = ["--config", str(EXPERIMENTS / "smoke.toml"), "--storage", storage,

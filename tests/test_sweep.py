@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def smoke(idx_root: Path, **overrides: object):
 
 
 def sweep(config, stores: Stores) -> optuna.Study:
-    return run_sweep(config, stores.storage, stores.tracking, quiet=True, echo=lambda line: None)
+    return run_sweep(config, stores.storage, stores.tracking, progress=False, echo=lambda line: None)
 
 
 def test_a_sweep_links_every_trial_to_its_run_and_resumes_without_redoing(
@@ -293,6 +294,16 @@ def test_runs_compare_in_the_mlflow_ui_and_the_parent_carries_the_study_summary(
     assert parent.data.metrics["front_size"] >= 1
     history = client.get_metric_history(parent.info.run_id, "hypervolume")
     assert len(history) == N_TRIALS and [m.value for m in history] == sorted(m.value for m in history)
+    study = stores.study()
+    assert study.metric_names == ["val_accuracy", "val_synops_mean"]  # what optuna-dashboard shows
+    assert "penalty_strength" in study.user_attrs["searched_parameters"]
+    front = sorted(t.number for t in study.best_trials)
+    assert parent.data.tags["synops.front_trials"] == ",".join(map(str, front))
+    note = parent.data.tags["mlflow.note.content"]
+    assert all(f"| {n}" in note for n in front) and "Knee: trial" in note
+    filtered = client.search_runs([experiment.experiment_id],
+                                  f"tags.`synops.front_trials` = '{','.join(map(str, front))}'")
+    assert [r.info.run_id for r in filtered] == [parent.info.run_id]
 
 
 def test_the_parent_run_is_closed_even_when_publishing_the_front_fails(
@@ -338,3 +349,15 @@ def test_a_single_worker_sweep_loads_the_data_once(
     monkeypatch.setattr(workers, "load_dataset", counted)
     sweep(smoke(idx_root, **{"study.n_trials": 2}), stores)
     assert len(loads) == 1
+
+
+def test_without_a_terminal_a_sweep_logs_plain_timestamped_lines(idx_root: Path, stores: Stores) -> None:
+    args = [a for a in sweep_args(idx_root, stores) if a != "--quiet"]
+    done = subprocess.run(cli_process(args), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "\x1b" not in output and "\r" not in output  # no progress bars, no cursor moves
+    trial_lines = [line for line in done.stdout.splitlines() if " trial " in line]
+    assert len(trial_lines) == N_TRIALS
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d trial ", line) for line in trial_lines)
+    assert re.search(r"^\S+ \S+ base model epoch 1/1: ", done.stdout, re.MULTILINE)

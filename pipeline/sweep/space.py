@@ -14,6 +14,16 @@ from pipeline.front import SearchBounds
 from pipeline.train import penalty_weight_for_strength
 
 FLOOR_MARGIN = 1.05  # the lowest target searched sits this far above the input-layer floor
+# What each searched parameter means, stored in the study where optuna-dashboard shows it.
+PARAM_MEANINGS = {
+    "penalty_strength": "weight on the squared relative SynOps excess ((S - T) / T)^2, log scale "
+                        "(for mse converted to the tutorial's scale)",
+    "target_synops": "T: SynOps per sample the penalty aims below, log scale, from just above the "
+                     "input-layer floor to the unpenalised base model's SynOps",
+    "penalty": "shape of the penalty: hinge (one-sided) or mse (the tutorial's, symmetric)",
+    "epochs": "fine-tuning epochs from the shared base model",
+    "lr": "fine-tuning learning rate (Adam, cosine schedule)",
+}
 
 
 def resolve_target_bounds(config: ExperimentConfig, floor: float, base_synops: float = math.inf

@@ -31,12 +31,14 @@ from pipeline.front import (
     OBJECTIVE_NAMES,
     SCHEMA_VERSION,
     BaseRecord,
+    SearchBounds,
     StudyRecord,
 )
 from pipeline.model import build_model
 from pipeline.run import ensure_base_model
-from pipeline.sweep.space import resolve_bounds, resolve_target_bounds
+from pipeline.sweep.space import PARAM_MEANINGS, resolve_bounds, resolve_target_bounds
 from pipeline.tracking import TAG_ROLE, Tracker
+from pipeline.train import EpochStats
 
 # Heartbeats, stale-trial retries and metric names are marked experimental; we rely on them.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -126,16 +128,23 @@ def ensure_reference_trial(study: optuna.Study, config: ExperimentConfig) -> Non
         study.enqueue_trial({}, user_attrs={ATTR_REFERENCE: "tutorial"})
 
 
+def _searched(bounds: SearchBounds) -> list[str]:
+    optional = [k for k in ("epochs", "lr") if getattr(bounds, k)]
+    return ["penalty_strength", "target_synops", *(["penalty"] if len(bounds.penalties) > 1 else []),
+            *optional]
+
+
 def _create_record(study: optuna.Study, config: ExperimentConfig, storage_url: str,
                    tracker: Tracker, experiment_id: str, dataset: Callable[[], Dataset], progress: bool,
-                   should_stop: Callable[[], bool]) -> StudyRecord:
+                   should_stop: Callable[[], bool],
+                   on_epoch: Callable[[EpochStats], None] | None) -> StudyRecord:
     """Check the search space, train (or reuse) the base model, open the parent run, and store
     the study's record. The record version is written last: a preparation that dies half-way is
     redone."""
     data = dataset()
     floor = evaluate(build_model(config.model).to(config.device), data.val).input_layer_synops
     resolve_target_bounds(config, floor)  # an empty range is refused before any training
-    base = ensure_base_model(config, data, tracker, experiment_id, progress, should_stop)
+    base = ensure_base_model(config, data, tracker, experiment_id, progress, should_stop, on_epoch)
     bounds = resolve_bounds(config, base.val.input_layer_synops, base.val.synops_mean)
     parent = tracker.start_run(experiment_id, f"study-{config.name}", {
         TAG_ROLE: "study", "synops.study": config.name, "synops.storage": storage_url,
@@ -148,7 +157,10 @@ def _create_record(study: optuna.Study, config: ExperimentConfig, storage_url: s
     parent.log_params(study_params | space | {"study.input_layer_synops": floor})
     record = StudyRecord(config.name, config, bounds,
                          BaseRecord(base.run_id, base.val, base.test), parent.run_id)
-    study.set_metric_names(list(OBJECTIVE_NAMES))
+    study.set_metric_names(list(OBJECTIVE_NAMES))  # optuna-dashboard labels its plots with them
+    study.set_user_attr("objectives", "val_accuracy: accuracy on the validation split (maximised); "
+                        "val_synops_mean: mean SynOps per validation sample (minimised)")
+    study.set_user_attr("searched_parameters", {k: PARAM_MEANINGS[k] for k in _searched(bounds)})
     study.set_user_attr(ATTR_CONFIG, config.to_dict())
     study.set_user_attr(ATTR_BOUNDS, bounds.to_record())
     study.set_user_attr(ATTR_BASE, record.base.to_record())
@@ -159,9 +171,10 @@ def _create_record(study: optuna.Study, config: ExperimentConfig, storage_url: s
 
 def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker,
                   dataset: Callable[[], Dataset], progress: bool = True,
-                  should_stop: Callable[[], bool] = lambda: False) -> PreparedStudy:
+                  should_stop: Callable[[], bool] = lambda: False,
+                  on_epoch: Callable[[EpochStats], None] | None = None) -> PreparedStudy:
     """Create or resume the study before any worker starts. `dataset` is called only when the
-    data is needed (a new study)."""
+    data is needed (a new study); `on_epoch` receives the base model's epochs if it is trained."""
     if config.pretrain is None:
         raise ConfigError("pretrain", "a sweep fine-tunes a base model: add a [pretrain] table")
     if config.train.init_from:
@@ -181,6 +194,6 @@ def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker,
         if unfinished and tracker.status(unfinished) == "RUNNING":
             tracker.close(unfinished, "FAILED", "the study's preparation did not finish; redone")
         record = _create_record(study, config, storage_url, tracker, experiment_id, dataset,
-                                progress, should_stop)
+                                progress, should_stop, on_epoch)
     ensure_reference_trial(study, config)
     return PreparedStudy(study, record, experiment_id)

@@ -35,6 +35,7 @@ from pipeline.front import (
     front_table,
     hypervolume,
     hypervolume_reference,
+    parent_run_tags,
     study_counts,
     trials_frame,
 )
@@ -44,6 +45,7 @@ from pipeline.sweep.objective import TrialRunner
 from pipeline.sweep.space import make_sampler, sampler_seed
 from pipeline.sweep.storage import PreparedStudy, close_orphaned_runs, open_storage, prepare_study
 from pipeline.tracking import Tracker, TrackingError
+from pipeline.train import epoch_line
 
 
 class WorkerError(RuntimeError):
@@ -108,6 +110,8 @@ def publish_front(prepared: PreparedStudy, tracker: Tracker, with_metrics: bool 
         front.to_csv(Path(tmp) / "front.csv", index=False)
         pareto_png(frame, study.study_name, Path(tmp) / "pareto.png", record.base)
         parent.log_folder(Path(tmp))
+    parent.set_tags(parent_run_tags(study, frame, with_report=tracker.has_artifact(
+        record.parent_run_id, "report/index.html")))
 
 
 def _publish_or_warn(prepared: PreparedStudy, tracker: Tracker, with_metrics: bool = True) -> None:
@@ -199,20 +203,23 @@ def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: st
 
 
 def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, workers: int = 1,
-              quiet: bool = False, echo: Callable[[str], None] = print) -> optuna.Study:
+              progress: bool = True, echo: Callable[[str], None] = print) -> optuna.Study:
     """`synops sweep`: prepare the study, run `workers` worker processes until it has `n_trials`
-    finished trials, print a line per finished trial, and publish the front to MLflow. The data is
+    finished trials, and publish the front to MLflow. With `progress`, bars and a line per trial;
+    without (a log file), `echo` gets a line per base-model epoch and per trial. The data is
     loaded at most once in this process."""
     tracker = Tracker(tracking_uri)
     dataset = functools.cache(lambda: load_dataset(config.data).to(config.device))
-    prepared = prepare_study(config, storage_url, tracker, dataset, progress=not quiet,
-                             should_stop=stop_requested)
+    epochs = config.pretrain.epochs if config.pretrain else 0
+    prepared = prepare_study(
+        config, storage_url, tracker, dataset, progress=progress, should_stop=stop_requested,
+        on_epoch=None if progress else lambda stats: echo(f"base model {epoch_line(stats, epochs)}"))
     study = prepared.study
     bar = tqdm(total=config.study.n_trials, initial=study_counts(study).finished, desc=config.name,
-               unit="trial", disable=quiet)
+               unit="trial", disable=not progress)
 
     def report(trial: FrozenTrial) -> None:
-        if quiet:
+        if not progress:
             echo(trial_line(trial))
             return
         bar.write(trial_line(trial))
@@ -224,7 +231,7 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
         if workers == 1:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            run_worker(config, prepared, tracker, dataset, on_trial=report, progress=not quiet)
+            run_worker(config, prepared, tracker, dataset, on_trial=report, progress=progress)
         else:
             _run_processes(config, storage_url, tracking_uri, workers, study, report)
         status = "FINISHED"
