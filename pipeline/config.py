@@ -193,6 +193,7 @@ class StudyConfig:
     seed: int = 0
     grid_points: int = 4
     reference_trial: bool = True
+    confirm_seeds: int = 2
     max_consecutive_failures: int = 3
     heartbeat_interval: int = 10
     grace_period: int = 30
@@ -202,6 +203,7 @@ class StudyConfig:
         _require(self.sampler in SAMPLERS, "study.sampler", f"must be one of {SAMPLERS}")
         _require(self.n_trials > 0, "study.n_trials", "must be > 0")
         _require(self.max_consecutive_failures > 0, "study.max_consecutive_failures", "must be > 0")
+        _require(self.confirm_seeds >= 0, "study.confirm_seeds", "must be >= 0 (0 = no confirmation)")
         _require(self.grid_points > 1, "study.grid_points", "must be > 1")
         _require(self.heartbeat_interval > 0, "study.heartbeat_interval", "must be > 0 seconds")
         _require(

@@ -14,10 +14,8 @@ from pipeline.front import (
     NoSuchTrialError,
     StudyRecord,
     TrialRecord,
-    choose_knee,
+    choose,
     finished_trials,
-    front_table,
-    trials_frame,
 )
 from pipeline.model import build_model
 from pipeline.tracking import Tracker
@@ -30,10 +28,9 @@ def _chosen(study: optuna.Study, trial_number: int | None) -> tuple[TrialRecord,
         raise NoSuchTrialError(f"study '{study.study_name}' has no finished trial to export")
     front = {t.number for t in study.best_trials}
     if trial_number is None:
-        members = front_table(trials_frame(study))
-        knee = choose_knee(members)
-        trial_number = int(members.loc[knee.row, "trial"])
-        reason = f"the front's knee ({knee.rule} rule)"
+        choice = choose(study)
+        trial_number = int(choice.knee_member["trial"])
+        reason = f"the front's knee ({choice.knee.rule} rule, on the validation seed means)"
     else:
         reason = "asked for by number"
     if trial_number not in records:

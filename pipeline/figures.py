@@ -21,11 +21,19 @@ def _marker_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Da
     return frame[~frame["on_front"]], front, frame[frame["kind"] == "reference"]
 
 
+def _confirmed(members: pd.DataFrame | None) -> pd.DataFrame:
+    """Front members trained with more than one seed."""
+    if members is None or "seeds" not in members:
+        return pd.DataFrame()
+    return members[members["seeds"] > 1]
+
+
 def pareto_png(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord | None = None,
-               knee: pd.Series | None = None) -> None:
+               knee: pd.Series | None = None, members: pd.DataFrame | None = None) -> None:
     """Test accuracy vs mean test SynOps of every finished trial (a `trials_frame`): the front
     (chosen on validation) connected, dominated trials faded, the tutorial recipe, base model,
-    floor and knee marked; the legend sits outside the data."""
+    floor and knee marked, and the seed mean ± sd of each confirmed member (`members`); the legend
+    sits outside the data."""
     dominated, front, reference = _marker_rows(frame)
     fig, ax = plt.subplots(figsize=(10, 5))
     ax.scatter(dominated["test_synops_mean"], dominated["test_accuracy"] * 100, color="0.6",
@@ -34,6 +42,12 @@ def pareto_png(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord | N
             label="Pareto front")
     ax.scatter(reference["test_synops_mean"], reference["test_accuracy"] * 100, marker="*", s=220,
                color="tab:red", zorder=5, label="tutorial recipe")
+    confirmed = _confirmed(members)
+    if not confirmed.empty:
+        ax.errorbar(confirmed["test_synops_mean_mean"], confirmed["test_accuracy_mean"] * 100,
+                    xerr=confirmed["test_synops_mean_sd"], yerr=confirmed["test_accuracy_sd"] * 100,
+                    fmt="s", markersize=4, color="tab:green", capsize=3, alpha=0.8, zorder=4,
+                    label=f"front member: mean ± sd over {int(confirmed['seeds'].max())} seeds")
     if base is not None:
         ax.scatter([base.test.synops_mean], [base.test.accuracy * 100], marker="D", s=70,
                    color="black", zorder=5, label="unpenalised base model")
@@ -60,16 +74,19 @@ def _hover(rows: pd.DataFrame) -> list[str]:
                            for k in PARAM_COLUMNS if k in row and pd.notna(row[k]))
         texts.append(
             f"trial {int(row['trial'])} ({row['kind']})<br>{params or 'tutorial recipe'}<br>"
-            f"val {row['val_accuracy']:.2%} at {row['val_synops_mean']:.3g} SynOps<br>"
-            f"test {row['test_accuracy']:.2%} at {row['test_synops_mean']:.3g} SynOps<br>"
-            f"MLflow run {row['mlflow_run_id']}"
+            f"val {row['val_accuracy']:.2%} [{row['val_accuracy_low']:.2%}, "
+            f"{row['val_accuracy_high']:.2%}] at {row['val_synops_mean']:.3g} SynOps<br>"
+            f"test {row['test_accuracy']:.2%} [{row['test_accuracy_low']:.2%}, "
+            f"{row['test_accuracy_high']:.2%}] at {row['test_synops_mean']:.3g} SynOps<br>"
+            f"(95% intervals over the images)<br>MLflow run {row['mlflow_run_id']}"
         )
     return texts
 
 
 def pareto_html(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord,
-                knee: pd.Series) -> None:
-    """The Pareto plot as interactive plotly HTML; plotly.js is written next to it (no CDN)."""
+                knee: pd.Series, members: pd.DataFrame | None = None) -> None:
+    """The Pareto plot as interactive plotly HTML; plotly.js is written next to it (no CDN).
+    Confirmed front members get their seed mean ± sd as a last trace."""
     dominated, front, reference = _marker_rows(frame)
     fig = go.Figure()
     for rows, name, style in (
@@ -88,6 +105,18 @@ def pareto_html(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord,
         x=[knee["test_synops_mean"]], y=[knee["test_accuracy"] * 100],
         name=f"knee: trial {int(knee['trial'])}", mode="markers", hoverinfo="skip",
         marker={"size": 22, "color": "rgba(0,0,0,0)", "line": {"color": "orange", "width": 3}}))
+    confirmed = _confirmed(members)
+    if not confirmed.empty:
+        fig.add_trace(go.Scatter(
+            x=confirmed["test_synops_mean_mean"], y=confirmed["test_accuracy_mean"] * 100,
+            error_x={"array": confirmed["test_synops_mean_sd"].tolist()},
+            error_y={"array": (confirmed["test_accuracy_sd"] * 100).tolist()},
+            name="front member: seed mean ± sd", mode="markers",
+            marker={"symbol": "square", "color": "green", "size": 7},
+            text=[f"trial {int(r['trial'])}: {int(r['seeds'])} seeds, test "
+                  f"{r['test_accuracy_mean']:.2%} ± {r['test_accuracy_sd'] * 100:.2f}"
+                  f"{' (dominated on the means)' if r['dominated_on_means'] else ''}"
+                  for _, r in confirmed.iterrows()], hoverinfo="text"))
     fig.add_vline(x=base.test.input_layer_synops, line_dash="dash", line_color="gray",
                   annotation_text="input-layer floor")
     fig.update_layout(title=f"{title}: accuracy vs SynOps (front chosen on validation)",

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
@@ -168,8 +169,14 @@ def _row(record: TrialRecord) -> dict[str, Any]:
         "kind": record.kind,
         **{k: record.params.get(k) for k in PARAM_COLUMNS},
         "val_accuracy": record.val.accuracy,
+        "val_accuracy_low": wilson_interval(record.val.accuracy, record.val.samples)[0],
+        "val_accuracy_high": wilson_interval(record.val.accuracy, record.val.samples)[1],
+        "val_samples": record.val.samples,
         "val_synops_mean": record.val.synops_mean,
         "test_accuracy": test.accuracy,
+        "test_accuracy_low": wilson_interval(test.accuracy, test.samples)[0],
+        "test_accuracy_high": wilson_interval(test.accuracy, test.samples)[1],
+        "test_samples": test.samples,
         "test_synops_mean": test.synops_mean,
         "test_synops_p50": test.synops_p50,
         "test_synops_p95": test.synops_p95,
@@ -264,17 +271,20 @@ def choose_knee(front: pd.DataFrame) -> Knee:
     return Knee(int(ranked.sort_values(["distance", "error", "synops"]).index[0]), KNEE_IDEAL)
 
 
-def best_within_budgets(frame: pd.DataFrame, budgets: list[float]) -> list[tuple[float, pd.Series | None]]:
-    """For each SynOps budget, the finished trial with the best validation accuracy among those
-    whose validation SynOps fit in it (fewer SynOps break ties), or None."""
+def best_within_budgets(frame: pd.DataFrame, budgets: list[float], tolerance: float = 0.0
+                        ) -> list[tuple[float, pd.Series | None]]:
+    """For each SynOps budget, among the rows whose validation SynOps fit in it, the one with the
+    fewest SynOps of those within `tolerance` of the best validation accuracy (0: the most
+    accurate, fewer SynOps breaking exact ties), or None when nothing fits."""
     chosen = []
     for budget in budgets:
         fitting = frame[frame["val_synops_mean"] <= budget]
         if fitting.empty:
             chosen.append((budget, None))
             continue
-        ordered = fitting.sort_values(["val_accuracy", "val_synops_mean"], ascending=[False, True])
-        chosen.append((budget, ordered.iloc[0]))
+        near_best = fitting[fitting["val_accuracy"] >= fitting["val_accuracy"].max() - tolerance]
+        chosen.append((budget, near_best.sort_values(["val_synops_mean", "val_accuracy"],
+                                                     ascending=[True, False]).iloc[0]))
     return chosen
 
 
@@ -330,7 +340,7 @@ def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool)
     """The study's parent run's description (the front, the knee, the files logged under it) and
     the front's trial numbers as a tag, so `search_runs` can filter the front out of the trials."""
     front = front_table(frame)
-    knee = front.loc[choose_knee(front).row]
+    knee = choose(study, frame).knee_member
     counts = study_counts(study)
     rows = "\n".join(
         f"| {int(r['trial'])}{' (knee)' if r['trial'] == knee['trial'] else ''} | "
@@ -341,7 +351,8 @@ def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool)
          "`report/report.md`"] if with_report else ["the report, once `synops report` has run"])
     note = (f"## Study `{study.study_name}`: accuracy vs SynOps\n\n"
             f"{counts.finished} finished, {counts.failed} failed, {counts.running} running trials. "
-            "Front chosen on validation, fewest SynOps first:\n\n"
+            "Front chosen on validation, fewest SynOps first (single runs; the knee is chosen on "
+            "the seed means once the front is confirmed):\n\n"
             "| trial | val accuracy | val SynOps | test accuracy | test SynOps | run |\n"
             "|---:|---:|---:|---:|---:|---|\n"
             f"{rows}\n\n"
@@ -351,3 +362,149 @@ def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool)
             f"Files logged under this run: {', '.join(files)}.\n")
     return {NOTE_TAG: note,
             FRONT_TRIALS_TAG: ",".join(str(n) for n in sorted(int(t) for t in front["trial"]))}
+
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(accuracy: float, samples: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on `samples` images. Hand-written: the
+    formula is three lines and none of our dependencies has it (statsmodels does)."""
+    if samples <= 0:
+        return math.nan, math.nan
+    centre = (accuracy + z * z / (2 * samples)) / (1 + z * z / samples)
+    half = z / (1 + z * z / samples) * math.sqrt(
+        accuracy * (1 - accuracy) / samples + z * z / (4 * samples * samples))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def detectable_difference(accuracy: float, samples: int, z: float = Z95) -> float:
+    """The smallest difference between two accuracies near `accuracy`, each measured on `samples`
+    images, that a two-sided test at 95% tells apart (independent measurements)."""
+    return z * math.sqrt(2 * accuracy * (1 - accuracy) / samples)
+
+
+# Study user attributes of the confirmation stage: a claim when a (member, seed) run starts, the
+# result when it finishes. A claim without a result is a confirmation that died or was stopped.
+CONFIRM_CLAIM_PREFIX = "confirm_claim."
+CONFIRM_RESULT_PREFIX = "confirm."
+
+
+def confirm_key(prefix: str, trial: int, seed: int) -> str:
+    return f"{prefix}{trial}.{seed}"
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """One more fine-tuning of a front member with another seed."""
+
+    trial: int
+    seed: int
+    run_id: str
+    val: Evaluation
+    test: Evaluation
+
+    def to_record(self) -> dict[str, Any]:
+        return {"trial": self.trial, "seed": self.seed, "run_id": self.run_id,
+                "val": self.val.to_record(), "test": self.test.to_record()}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Confirmation:
+        return cls(record["trial"], record["seed"], record["run_id"],
+                   Evaluation.from_record(record["val"]), Evaluation.from_record(record["test"]))
+
+
+def confirmations(study: optuna.Study) -> dict[int, list[Confirmation]]:
+    """Finished confirmations by the trial they confirm."""
+    found: dict[int, list[Confirmation]] = {}
+    for key, value in study.user_attrs.items():
+        if key.startswith(CONFIRM_RESULT_PREFIX):
+            confirmation = Confirmation.from_record(value)
+            found.setdefault(confirmation.trial, []).append(confirmation)
+    return found
+
+
+SEED_COLUMNS = ("seeds", "val_accuracy_mean", "val_accuracy_sd", "val_synops_mean_mean",
+                "test_accuracy_mean", "test_accuracy_sd", "test_synops_mean_mean",
+                "test_synops_mean_sd", "val_mean_low", "val_mean_high", "dominated_on_means")
+
+
+def with_seed_means(front: pd.DataFrame, found: dict[int, list[Confirmation]]) -> pd.DataFrame:
+    """`front` (a `front_table`) with each member's numbers over its seeds (the trial's own plus its
+    confirmations), the 95% interval of its mean validation accuracy (images and seeds: the
+    Wilson interval alone for one seed, else mean +- 1.96 sqrt(p(1-p)/n + sd^2/seeds)), and
+    whether another member beats it on both means."""
+    rows = []
+    for _, member in front.iterrows():
+        extra = found.get(int(member["trial"]), [])
+        val = [member["val_accuracy"], *[c.val.accuracy for c in extra]]
+        val_synops = [member["val_synops_mean"], *[c.val.synops_mean for c in extra]]
+        test = [member["test_accuracy"], *[c.test.accuracy for c in extra]]
+        test_synops = [member["test_synops_mean"], *[c.test.synops_mean for c in extra]]
+        mean = float(np.mean(val))
+        samples = int(member["val_samples"])
+        if len(val) == 1:
+            low, high = wilson_interval(mean, samples)
+        else:
+            spread = Z95 * math.sqrt(mean * (1 - mean) / samples + np.var(val, ddof=1) / len(val))
+            low, high = mean - spread, mean + spread
+        rows.append({"seeds": len(val), "val_accuracy_mean": mean, "val_accuracy_sd": _sd(val),
+                     "val_synops_mean_mean": float(np.mean(val_synops)),
+                     "test_accuracy_mean": float(np.mean(test)), "test_accuracy_sd": _sd(test),
+                     "test_synops_mean_mean": float(np.mean(test_synops)),
+                     "test_synops_mean_sd": _sd(test_synops), "val_mean_low": low,
+                     "val_mean_high": high})
+    table = pd.concat([front.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+    accuracy, synops = table["val_accuracy_mean"], table["val_synops_mean_mean"]
+    table["dominated_on_means"] = [
+        bool(((accuracy >= a) & (synops <= s) & ((accuracy > a) | (synops < s))).any())
+        for a, s in zip(accuracy, synops, strict=True)]
+    return table
+
+
+def _sd(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def on_means(members: pd.DataFrame) -> pd.DataFrame:
+    """The members not dominated on their seed means, with the means in the columns the choices
+    read (`val_accuracy`, `val_synops_mean`), fewest SynOps first: what knee and budgets use."""
+    kept = members[~members["dominated_on_means"]].copy()
+    kept["val_accuracy"] = kept["val_accuracy_mean"]
+    kept["val_synops_mean"] = kept["val_synops_mean_mean"]
+    return kept.sort_values(["val_synops_mean", "trial"]).reset_index(drop=True)
+
+
+def indistinguishable_neighbours(members: pd.DataFrame) -> list[tuple[int, int]]:
+    """Pairs of members, neighbours in SynOps, whose validation intervals overlap."""
+    ordered = members.sort_values("val_synops_mean_mean")
+    pairs = []
+    for (_, a), (_, b) in zip(ordered.iloc[:-1].iterrows(), ordered.iloc[1:].iterrows(), strict=True):
+        if a["val_mean_low"] <= b["val_mean_high"] and b["val_mean_low"] <= a["val_mean_high"]:
+            pairs.append((int(a["trial"]), int(b["trial"])))
+    return pairs
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a user picks from: the front members with their seed means, the members left on the
+    front of the means (the candidates), and the knee among the candidates."""
+
+    members: pd.DataFrame
+    candidates: pd.DataFrame
+    knee: Knee
+
+    @property
+    def knee_member(self) -> pd.Series:
+        return self.candidates.loc[self.knee.row]
+
+
+def choose(study: optuna.Study, frame: pd.DataFrame | None = None) -> Choice:
+    """The choice made from a study (its `trials_frame` if already built): on the validation seed
+    means, where the confirmation stage has run, else on the single runs."""
+    frame = trials_frame(study) if frame is None else frame
+    if frame.empty:
+        raise NoSuchTrialError(f"study '{study.study_name}' has no finished trial yet")
+    members = with_seed_means(front_table(frame), confirmations(study))
+    candidates = on_means(members)
+    return Choice(members, candidates, choose_knee(candidates))

@@ -23,20 +23,23 @@ from pipeline.figures import hypervolume_png, layers_png, pareto_html, pareto_pn
 from pipeline.front import (
     ATTR_SECONDS,
     PARAM_COLUMNS,
+    SEED_COLUMNS,
     SNN_COLUMNS,
-    Knee,
+    Choice,
     StudyRecord,
     best_within_budgets,
-    choose_knee,
+    choose,
+    detectable_difference,
     energy_column,
-    front_table,
     hypervolume_history,
     hypervolume_reference,
+    indistinguishable_neighbours,
     layer_column,
     parent_run_tags,
     spiking_checks,
     study_counts,
     trials_frame,
+    wilson_interval,
 )
 from pipeline.model import build_model
 from pipeline.tracking import Tracker
@@ -53,6 +56,15 @@ class UnsafeOutputError(ValueError):
     """The output folder holds something a report did not write; it is left alone."""
 
 
+def _with_interval(accuracy: float, samples: int) -> str:
+    low, high = wilson_interval(accuracy, int(samples))
+    return f"{accuracy:.2%} [{low * 100:.2f}, {high * 100:.2f}]"
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    return f"{mean:.2%} ± {sd * 100:.2f}" if pd.notna(sd) else f"{mean:.2%}"
+
+
 def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "seneca")) -> pd.DataFrame:
     """The front formatted for people: percentages, 3 significant digits, short run ids."""
     shown = pd.DataFrame({"trial": front["trial"], "kind": front["kind"]})
@@ -60,8 +72,17 @@ def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "senec
         if column in front:
             shown[column] = front[column].map(
                 lambda v: "" if pd.isna(v) else (f"{v:.3g}" if isinstance(v, float) else str(v)))
-    shown["val acc"] = front["val_accuracy"].map("{:.2%}".format)
-    shown["test acc"] = front["test_accuracy"].map("{:.2%}".format)
+    shown["val acc [95% CI]"] = [_with_interval(r["val_accuracy"], r["val_samples"])
+                                 for _, r in front.iterrows()]
+    shown["test acc [95% CI]"] = [_with_interval(r["test_accuracy"], r["test_samples"])
+                                  for _, r in front.iterrows()]
+    if "seeds" in front and (front["seeds"] > 1).any():
+        shown["seeds"] = front["seeds"]
+        shown["val acc mean ± sd"] = [_mean_sd(r["val_accuracy_mean"], r["val_accuracy_sd"])
+                                      for _, r in front.iterrows()]
+        shown["test acc mean ± sd"] = [_mean_sd(r["test_accuracy_mean"], r["test_accuracy_sd"])
+                                       for _, r in front.iterrows()]
+        shown["on the means"] = front["dominated_on_means"].map({True: "dominated", False: "front"})
     shown["test SynOps"] = front["test_synops_mean"].map("{:.3g}".format)
     shown["p95"] = front["test_synops_p95"].map("{:.3g}".format)
     for chip in chips:
@@ -74,18 +95,18 @@ def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "senec
     return shown
 
 
-def budget_table(frame: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
-    """`best_within_budgets` formatted for people."""
+def budget_table(candidates: pd.DataFrame, budgets: list[float], tolerance: float) -> pd.DataFrame:
+    """`best_within_budgets` of the candidates, formatted for people."""
     rows = []
-    for budget, best in best_within_budgets(frame, budgets):
+    for budget, best in best_within_budgets(candidates, budgets, tolerance):
         if best is None:
             rows.append({"budget": f"{budget:.3g}", "trial": "none fits", "val accuracy": "",
                          "test accuracy": "", "test SynOps": ""})
             continue
         rows.append({"budget": f"{budget:.3g}", "trial": int(best["trial"]),
                      "val accuracy": f"{best['val_accuracy']:.2%}",
-                     "test accuracy": f"{best['test_accuracy']:.2%}",
-                     "test SynOps": f"{best['test_synops_mean']:.3g}"})
+                     "test accuracy": _mean_sd(best["test_accuracy_mean"], best["test_accuracy_sd"]),
+                     "test SynOps": f"{best['test_synops_mean_mean']:.3g}"})
     return pd.DataFrame(rows)
 
 
@@ -126,16 +147,45 @@ def _spiking_blocks(front: pd.DataFrame, knee: pd.Series) -> list[tuple[str, obj
     return blocks + ([("img", "snn_layers.png")] if knee_checked else [])
 
 
-def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame,
-                   front: pd.DataFrame, knee: Knee, reference_point: tuple[float, float],
-                   budgets: list[float], tracker: Tracker) -> list[tuple[str, object]]:
+def _noise_blocks(choice: Choice, detectable: float, val_size: int) -> list[tuple[str, object]]:
+    """How far the front can be trusted: the detectable difference, members that cannot be told
+    apart, and members that the seed means no longer put on the front."""
+    members = choice.members
+    seeds = int(members["seeds"].max())
+    items = [f"one validation accuracy is measured on {val_size} images: two members' accuracies "
+             f"must differ by at least **{detectable * 100:.2f} points** to be told apart at 95% "
+             "(the budget table below takes the member with the fewest SynOps among those within "
+             "this of the best)"]
+    pairs = indistinguishable_neighbours(members)
+    items.append("neighbours on the front whose validation intervals overlap (cannot be told "
+                 "apart): " + (", ".join(f"trials {a} and {b}" for a, b in pairs) or "none"))
+    if seeds > 1:
+        dominated = members[members["dominated_on_means"]]["trial"].astype(int).tolist()
+        items.append(f"on the means over {seeds} seeds, dominated by another member: "
+                     + (", ".join(f"trial {n}" for n in dominated) or "none")
+                     + "; the knee and the budget table are chosen among the others")
+    else:
+        items.append("each member was trained once (the confirmation stage has not run): choices "
+                     "are made on single runs")
+    return [("h2", "How far the front can be trusted"), ("list", items)]
+
+
+def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame, choice: Choice,
+                   reference_point: tuple[float, float], budgets: list[float], tracker: Tracker
+                   ) -> list[tuple[str, object]]:
     """The report's content as (kind, value) blocks, rendered to Markdown and HTML alike."""
     config, base = record.config, record.base
     counts = study_counts(study)
     wall, training = _duration(study)
     weights = sum(p.numel() for p in build_model(config.model).parameters())
-    member = front.loc[knee.row]
+    front, knee, member = choice.members, choice.knee, choice.knee_member
     run_id = member["mlflow_run_id"]
+    best = choice.candidates["val_accuracy"].max()
+    detectable = detectable_difference(best, int(member["val_samples"]))
+    seeds = int(member["seeds"])
+    on_seeds = (f" Over {seeds} seeds: validation {member['val_accuracy_mean']:.2%} ± "
+                f"{member['val_accuracy_sd'] * 100:.2f}, test {member['test_accuracy_mean']:.2%} ± "
+                f"{member['test_accuracy_sd'] * 100:.2f} (mean ± sd)." if seeds > 1 else "")
     return [
         ("h1", f"Accuracy vs SynOps: study `{study.study_name}`"),
         ("p", f"Dataset **{config.data.dataset}** (validation: {config.data.val_size} held-out "
@@ -154,19 +204,23 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
               "All chip profiles and per-layer SynOps are in [front.csv](front.csv)."),
         ("table", display_front(front)),
         ("h2", f"Knee: trial {int(member['trial'])}"),
-        ("p", f"Test accuracy **{member['test_accuracy']:.2%}** at "
-              f"**{member['test_synops_mean']:.3g}** SynOps per sample (p95 "
-              f"{member['test_synops_p95']:.3g}). Rule: {knee.explanation()}."),
+        ("p", f"Test accuracy **{_with_interval(member['test_accuracy'], member['test_samples'])}** "
+              f"(95% interval) at **{member['test_synops_mean']:.3g}** SynOps per sample (p95 "
+              f"{member['test_synops_p95']:.3g}).{on_seeds} Rule: {knee.explanation()}"
+              f"{', on the validation seed means' if seeds > 1 else ''}."),
         ("list", [_comparison(member, "unpenalised base model", base.test.accuracy,
                               base.test.synops_mean)]
          + [_comparison(member, "tutorial recipe", r["test_accuracy"], r["test_synops_mean"])
             for _, r in frame[frame["kind"] == "reference"].iterrows()]
          + [f"input-layer floor: {base.test.input_layer_synops:.3g} SynOps per sample are set by "
             "the data and cannot be trained away"]),
+        *_noise_blocks(choice, detectable, config.data.val_size),
         *_spiking_blocks(front, member),
         ("h2", "Best accuracy within a SynOps budget"),
-        ("p", "Chosen on validation (accuracy among trials whose validation SynOps fit)."),
-        ("table", budget_table(frame, budgets)),
+        ("p", "Chosen on validation among the front members (on their seed means where "
+              "confirmed): within each budget, the fewest SynOps among those whose accuracy is "
+              f"within the detectable difference ({detectable * 100:.2f} points) of the best."),
+        ("table", budget_table(choice.candidates, budgets, detectable)),
         ("h2", "Energy per sample of the knee"),
         ("table", pd.DataFrame([
             {"chip": chip, "pJ/SynOp": p.picojoules_per_synop,
@@ -256,9 +310,8 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
         raise EmptyStudyError(f"study '{study.study_name}' has no finished trial yet: "
                               "run `synops sweep` first (or wait for its first trial)")
     record = StudyRecord.load(study)
-    front = front_table(frame)
-    knee = choose_knee(front)
-    member = front.loc[knee.row]
+    choice = choose(study, frame)
+    front, member = choice.members, choice.knee_member
     reference_point = hypervolume_reference(record)
     model = build_model(record.config.model)
     modules = dict(model.named_modules())
@@ -269,8 +322,8 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
     try:
         (staging / MARKER).write_text("written by `synops report`; the folder is replaced whole by "
                                       "the next report\n")
-        pareto_png(frame, study.study_name, staging / "pareto.png", record.base, member)
-        pareto_html(frame, study.study_name, staging / "pareto.html", record.base, member)
+        pareto_png(frame, study.study_name, staging / "pareto.png", record.base, member, front)
+        pareto_html(frame, study.study_name, staging / "pareto.html", record.base, member, front)
         hypervolume_png(hypervolume_history(frame, reference_point), reference_point,
                         staging / "hypervolume.png")
         layers_png(front, layers, staging / "layers.png")
@@ -279,13 +332,14 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
             snn_layers_png(checks[int(member["trial"])], layers, int(member["trial"]),
                            staging / "snn_layers.png")
         columns = ["trial", "kind", *[c for c in PARAM_COLUMNS if c in front],
-                   "val_accuracy", "val_synops_mean", "test_accuracy", "test_synops_mean",
-                   "test_synops_p50", "test_synops_p95", "test_synops_max",
+                   "val_accuracy", "val_accuracy_low", "val_accuracy_high", "val_synops_mean",
+                   "test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_synops_mean",
+                   "test_synops_p50", "test_synops_p95", "test_synops_max", *SEED_COLUMNS,
                    *[layer_column(name) for name in record.layers],
                    *[energy_column(chip) for chip in CHIP_PROFILES],
                    *[c for c in SNN_COLUMNS if c in front], "mlflow_run_id"]
         front[columns].to_csv(staging / "front.csv", index=False)
-        blocks = summary_blocks(study, record, frame, front, knee, reference_point,
+        blocks = summary_blocks(study, record, frame, choice, reference_point,
                                 budgets or record.config.report.budgets, tracker)
         (staging / "report.md").write_text(render_markdown(blocks))
         (staging / "index.html").write_text(render_html(blocks, f"{study.study_name} report"))

@@ -14,11 +14,9 @@ from pipeline.front import (
     NoSuchTrialError,
     StudyRecord,
     TrialRecord,
-    choose_knee,
+    choose,
     finished_trials,
-    front_table,
     snn_attr,
-    trials_frame,
 )
 from pipeline.model import build_model
 from pipeline.snn import simulate_with_progress
@@ -28,17 +26,15 @@ from pipeline.tracking import Tracker
 def chosen_members(study: optuna.Study, trial: int | None, knee: bool) -> list[TrialRecord]:
     """The finished trial `trial`, the knee (`knee`), or else every front member."""
     records = {r.number: r for r in finished_trials(study)}
-    front = front_table(trials_frame(study))
-    if front.empty:
-        raise NoSuchTrialError(f"study '{study.study_name}' has no finished trial yet")
+    choice = choose(study)
     if knee:
-        trial = int(front.loc[choose_knee(front).row, "trial"])
+        trial = int(choice.knee_member["trial"])
     if trial is not None:
         if trial not in records:
             raise NoSuchTrialError(f"trial {trial} is not a finished trial "
                                     f"(finished: {', '.join(map(str, sorted(records)))})")
         return [records[trial]]
-    return [records[int(n)] for n in front["trial"]]
+    return [records[int(n)] for n in choice.members["trial"]]
 
 
 def check_members(study: optuna.Study, members: list[TrialRecord], config: ExperimentConfig,

@@ -50,7 +50,8 @@ DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # defines what the trials mean.
 RESUMABLE_KEYS = frozenset({
     "study.n_trials", "study.max_consecutive_failures", "study.heartbeat_interval",
-    "study.grace_period", "study.seed", "data.root", "data.verify_checksums", "device",
+    "study.grace_period", "study.seed", "study.confirm_seeds", "data.root", "data.verify_checksums",
+    "device",
     "report.budgets", *(f"snn.{f.name}" for f in dataclasses.fields(SNNConfig)),
 })
 

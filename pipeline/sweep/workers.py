@@ -41,6 +41,7 @@ from pipeline.front import (
 )
 from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signals, stop_requested
 from pipeline.memory import keep_freed_memory
+from pipeline.sweep.confirm import confirm_front
 from pipeline.sweep.objective import TrialRunner
 from pipeline.sweep.space import make_sampler, sampler_seed
 from pipeline.sweep.storage import PreparedStudy, close_orphaned_runs, open_storage, prepare_study
@@ -205,9 +206,9 @@ def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: st
 def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, workers: int = 1,
               progress: bool = True, echo: Callable[[str], None] = print) -> optuna.Study:
     """`synops sweep`: prepare the study, run `workers` worker processes until it has `n_trials`
-    finished trials, and publish the front to MLflow. With `progress`, bars and a line per trial;
-    without (a log file), `echo` gets a line per base-model epoch and per trial. The data is
-    loaded at most once in this process."""
+    finished trials, confirm the front with more seeds, and publish the front to MLflow. With
+    `progress`, bars and a line per trial; without (a log file), `echo` gets a line per
+    base-model epoch, trial and confirmation. The data is loaded at most once in this process."""
     tracker = Tracker(tracking_uri)
     dataset = functools.cache(lambda: load_dataset(config.data).to(config.device))
     epochs = config.pretrain.epochs if config.pretrain else 0
@@ -234,6 +235,9 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
             run_worker(config, prepared, tracker, dataset, on_trial=report, progress=progress)
         else:
             _run_processes(config, storage_url, tracking_uri, workers, study, report)
+        if config.study.confirm_seeds and study_counts(study).finished >= config.study.n_trials:
+            confirm_front(config, prepared, tracker, dataset(), load_base_state(tracker, prepared.record),
+                          progress, stop_requested, bar.write if progress else echo)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -1,0 +1,104 @@
+"""The confirmation stage: once the study has `n_trials` finished trials, each front member is
+fine-tuned again from the same start with `study.confirm_seeds` further seeds, so that choices are
+made on seed means rather than on one lucky or unlucky run.
+
+Each confirmation is a child run of the study's parent run, tagged with the trial it confirms. A
+claim (its run id) is stored in the study when it starts and the result when it finishes, so a
+re-run does only what is missing, and one that died or was stopped is redone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial
+
+from pipeline.config import ExperimentConfig, replace_train
+from pipeline.data import Dataset
+from pipeline.front import (
+    ATTR_REFERENCE,
+    CONFIRM_CLAIM_PREFIX,
+    CONFIRM_RESULT_PREFIX,
+    Confirmation,
+    confirm_key,
+    confirmations,
+)
+from pipeline.run import RunResult, run_tracked
+from pipeline.sweep.space import reference_config, suggest_config
+from pipeline.sweep.storage import PreparedStudy
+from pipeline.tracking import TAG_ROLE, Tracker
+
+
+def pending(study: optuna.Study, config: ExperimentConfig) -> list[tuple[FrozenTrial, int]]:
+    """(front member, seed) pairs without a finished confirmation, members in trial order."""
+    seeds = [config.train.seed + i for i in range(1, config.study.confirm_seeds + 1)]
+    done = {(c.trial, c.seed) for found in confirmations(study).values() for c in found}
+    members = sorted(study.best_trials, key=lambda t: t.number)
+    return [(t, seed) for t in members for seed in seeds if (t.number, seed) not in done]
+
+
+def close_dead_confirmations(study: optuna.Study, tracker: Tracker) -> None:
+    """Mark KILLED the runs of confirmations whose process died (claimed, no result, RUNNING)."""
+    attrs = study.user_attrs
+    for key, run_id in attrs.items():
+        result = CONFIRM_RESULT_PREFIX + key.removeprefix(CONFIRM_CLAIM_PREFIX)
+        if key.startswith(CONFIRM_CLAIM_PREFIX) and result not in attrs \
+                and tracker.status(run_id) == "RUNNING":
+            tracker.close(run_id, "KILLED", "confirmation process died; redone on the next run")
+
+
+def member_config(trial: FrozenTrial, prepared: PreparedStudy, config: ExperimentConfig,
+                  seed: int) -> tuple[ExperimentConfig, bool]:
+    """The member's own fine-tuning config with another seed, and whether it starts from the base
+    model (the tutorial's reference trial trains from scratch)."""
+    if trial.user_attrs.get(ATTR_REFERENCE):
+        return replace_train(reference_config(config), seed=seed), False
+    tried = suggest_config(optuna.trial.FixedTrial(trial.params), prepared.record.bounds, config)
+    return replace_train(tried, seed=seed), True
+
+
+def confirmation_line(trial: int, seed: int, result: RunResult) -> str:
+    return (f"confirm trial {trial:3d} seed {seed} | val {result.val.accuracy:.2%} "
+            f"{result.val.synops_mean:.3g} | test {result.test.accuracy:.2%} "
+            f"{result.test.synops_mean:.3g} | {result.seconds:.0f} s")
+
+
+def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, tracker: Tracker,
+                  dataset: Dataset, base_state: Mapping[str, torch.Tensor], progress: bool,
+                  should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
+    """Run the missing confirmations of the current front; returns how many ran. A confirmation
+    that fails is reported and left for the next run; a stop request raises KeyboardInterrupt."""
+    study, record = prepared.study, prepared.record
+    close_dead_confirmations(study, tracker)
+    ran = 0
+    for trial, seed in pending(study, config):
+        if should_stop():
+            raise KeyboardInterrupt("stop requested between confirmations")
+        member, from_base = member_config(trial, prepared, config, seed)
+        started = time.perf_counter()
+        try:
+            result = run_tracked(
+                member, dataset, tracker, prepared.experiment_id,
+                {TAG_ROLE: "confirmation", "synops.confirms_trial": str(trial.number),
+                 "synops.seed": str(seed), "synops.study": config.name},
+                init_state=base_state if from_base else None,
+                run_name=f"confirm-{trial.number}-seed-{seed}",
+                parent_run_id=record.parent_run_id,
+                extra_params={f"search.{k}": v for k, v in trial.params.items()},
+                progress=progress, should_stop=should_stop,
+                on_start=lambda run_id, n=trial.number, s=seed: study.set_user_attr(
+                    confirm_key(CONFIRM_CLAIM_PREFIX, n, s), run_id),
+            )
+        except Exception as err:  # noqa: BLE001 - recorded on the run; the next run retries it
+            echo(f"confirm trial {trial.number:3d} seed {seed} FAILED after "
+                 f"{time.perf_counter() - started:.0f} s: {type(err).__name__}: {err}")
+            continue
+        confirmation = Confirmation(trial.number, seed, result.run_id, result.val, result.test)
+        study.set_user_attr(confirm_key(CONFIRM_RESULT_PREFIX, trial.number, seed),
+                            confirmation.to_record())
+        echo(confirmation_line(trial.number, seed, result))
+        ran += 1
+    return ran

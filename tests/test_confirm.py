@@ -1,0 +1,152 @@
+"""Numbers a user chooses from, with their noise: Wilson intervals, seed repeats of the front (the
+confirmation stage) and choices made on the seed means."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.data import load_dataset
+from pipeline.evaluate import Evaluation
+from pipeline.front import (
+    Confirmation,
+    best_within_budgets,
+    choose_knee,
+    confirmations,
+    detectable_difference,
+    indistinguishable_neighbours,
+    on_means,
+    wilson_interval,
+)
+from pipeline.sweep.confirm import confirm_front, pending
+from pipeline.sweep.storage import prepare_study
+from pipeline.sweep.workers import load_base_state, run_sweep
+from pipeline.tracking import TAG_ROLE, Tracker
+from tests.conftest import EXPERIMENTS, smoke_overrides
+
+
+@pytest.mark.parametrize(("hits", "n", "low", "high"), [
+    (95, 100, 0.8883, 0.9785),  # Newcombe (1998), and statsmodels' proportion_confint(method="wilson")
+    (0, 10, 0.0, 0.2775),
+    (5, 10, 0.2366, 0.7634),
+    (10, 10, 0.7225, 1.0),
+])
+def test_the_wilson_interval_matches_published_values(hits: int, n: int, low: float, high: float) -> None:
+    assert wilson_interval(hits / n, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_the_detectable_difference_on_5000_validation_images() -> None:
+    # 98.7% measured twice on 5,000 images: 1.96 * sqrt(2 * 0.987 * 0.013 / 5000) = 0.44 points.
+    assert detectable_difference(0.987, 5000) == pytest.approx(0.00444, abs=1e-5)
+
+
+def evaluation(accuracy: float, synops: float) -> Evaluation:
+    return Evaluation(accuracy=accuracy, samples=5000, synops_mean=synops, synops_per_layer={"0": 1.0})
+
+
+def hand_made_front() -> tuple[pd.DataFrame, dict[int, list[Confirmation]]]:
+    """Three members; trial 2's first run was lucky: on the means it is dominated by trial 1."""
+    rows = [(1, 0.985, 1.0e6), (2, 0.990, 1.5e6), (3, 0.992, 3.0e6)]
+    front = pd.DataFrame([{"trial": t, "val_accuracy": a, "val_synops_mean": s, "val_samples": 5000,
+                           "test_accuracy": a, "test_synops_mean": s, "on_front": True}
+                          for t, a, s in rows])
+    repeats = {1: [0.986, 0.984], 2: [0.978, 0.976], 3: [0.993, 0.991]}
+    found = {t: [Confirmation(t, seed, f"run-{t}-{seed}", evaluation(a, s), evaluation(a, s))
+                 for seed, a in enumerate(repeats[t], start=2)] for t, _, s in rows}
+    return front, found
+
+
+def test_choices_are_made_on_the_seed_means() -> None:
+    from pipeline.front import with_seed_means
+
+    front, found = hand_made_front()
+    single = front.sort_values("val_synops_mean").reset_index(drop=True)
+    assert int(single.loc[choose_knee(single).row, "trial"]) == 2  # the lucky run is the knee
+
+    members = with_seed_means(front, found)
+    assert members["seeds"].tolist() == [3, 3, 3]
+    assert members.loc[1, "val_accuracy_mean"] == pytest.approx(0.98133, abs=1e-5)
+    assert members["dominated_on_means"].tolist() == [False, True, False]
+    candidates = on_means(members)
+    assert candidates["trial"].tolist() == [1, 3]
+    assert int(candidates.loc[choose_knee(candidates).row, "trial"]) != 2
+    ((_, within),) = best_within_budgets(candidates, [2e6])
+    assert int(within["trial"]) == 1  # trial 2's 99.0% was one run; its mean is below trial 1's
+    assert indistinguishable_neighbours(members) == [(1, 2), (2, 3)]  # trial 2 spreads widely
+
+
+def test_the_budget_table_prefers_fewer_synops_within_the_detectable_difference() -> None:
+    table = pd.DataFrame([{"trial": 1, "val_accuracy": 0.9860, "val_synops_mean": 1.5e7},
+                          {"trial": 2, "val_accuracy": 0.9880, "val_synops_mean": 1.7e7}])
+    assert int(best_within_budgets(table, [2e7])[0][1]["trial"]) == 2
+    assert int(best_within_budgets(table, [2e7], tolerance=0.0044)[0][1]["trial"]) == 1
+
+
+@pytest.fixture
+def swept(idx_root: Path, tmp_path: Path):
+    """A smoke study run without confirmations, and what confirm_front needs."""
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(idx_root)
+                         | {"study.n_trials": 3, "study.confirm_seeds": 0})
+    run_sweep(config, storage, uri, progress=False, echo=lambda line: None)
+    config = dataclasses.replace(config, study=dataclasses.replace(config.study, confirm_seeds=2))
+    tracker = Tracker(uri)
+    prepared = prepare_study(config, storage, tracker, lambda: load_dataset(config.data), progress=False)
+    data = load_dataset(config.data)
+    confirm = functools.partial(confirm_front, config, prepared, tracker, data,
+                                load_base_state(tracker, prepared.record), False)
+    return config, prepared, tracker, confirm
+
+
+def confirmation_runs(tracker: Tracker, prepared) -> list:
+    client = MlflowClient(tracker.uri)
+    return [r for r in client.search_runs([prepared.experiment_id])
+            if r.data.tags.get(TAG_ROLE) == "confirmation"]
+
+
+def test_a_stopped_confirmation_is_redone_and_none_is_duplicated(swept) -> None:
+    config, prepared, tracker, confirm = swept
+    study = prepared.study
+    expected = 2 * len(study.best_trials)
+    calls = iter(range(1_000_000))
+    with pytest.raises(KeyboardInterrupt):  # stop inside the first confirmation's training
+        confirm(lambda: next(calls) >= 1, lambda line: None)
+    (stopped,) = confirmation_runs(tracker, prepared)
+    assert stopped.info.status == "KILLED"
+    assert len(pending(study, config)) == expected
+
+    lines: list[str] = []
+    assert confirm(lambda: False, lines.append) == expected
+    assert len(lines) == expected and not pending(study, config)
+    runs = confirmation_runs(tracker, prepared)
+    assert len(runs) == expected + 1
+    assert sum(r.info.status == "FINISHED" for r in runs) == expected
+    assert sum(len(c) for c in confirmations(study).values()) == expected
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == prepared.record.parent_run_id
+        assert int(run.data.tags["synops.confirms_trial"]) in {t.number for t in study.best_trials}
+
+    assert confirm(lambda: False, lines.append) == 0  # a re-run adds nothing
+    assert len(confirmation_runs(tracker, prepared)) == expected + 1
+
+
+def test_a_confirmation_whose_process_died_is_closed_and_redone(swept) -> None:
+    config, prepared, tracker, confirm = swept
+    study = prepared.study
+    (trial, seed), *_ = [(t.number, s) for t, s in pending(study, config)]
+    # What a SIGKILL leaves: the claim stored, the run RUNNING, no result.
+    orphan = tracker.start_run(prepared.experiment_id, "confirm-orphan", {TAG_ROLE: "confirmation"},
+                               prepared.record.parent_run_id)
+    study.set_user_attr(f"confirm_claim.{trial}.{seed}", orphan.run_id)
+    assert confirm(lambda: False, lambda line: None) == 2 * len(study.best_trials)
+    assert tracker.status(orphan.run_id) == "KILLED"
+    redone = [c for c in confirmations(optuna.load_study(study_name="smoke", storage=study._storage))
+              .get(trial, []) if c.seed == seed]
+    assert len(redone) == 1 and redone[0].run_id != orphan.run_id
