@@ -82,8 +82,12 @@ def test_a_sweep_links_every_trial_to_its_run_and_resumes_without_redoing(
     runs = stores.runs()
     (parent,) = [r for r in runs if r.data.tags["synops.role"] == "study"]
     assert parent.data.tags["synops.storage"] == stores.storage
-    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.data.tags["synops.role"] in ("trial", "reference")}
     assert len(children) == N_TRIALS
+    confirmed = [r for r in runs if r.data.tags["synops.role"] == "confirmation"]
+    assert len(confirmed) == len(study.best_trials)  # smoke.toml: one more seed per front member
+    assert "confirm trial" in result.output
     for trial in complete:
         child = children[trial.user_attrs["mlflow_run_id"]]
         assert child.data.tags["trial_number"] == str(trial.number)
@@ -357,7 +361,8 @@ def test_without_a_terminal_a_sweep_logs_plain_timestamped_lines(idx_root: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert "\x1b" not in output and "\r" not in output  # no progress bars, no cursor moves
-    trial_lines = [line for line in done.stdout.splitlines() if " trial " in line]
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+    trial_lines = [line for line in done.stdout.splitlines() if re.match(stamp + "trial ", line)]
     assert len(trial_lines) == N_TRIALS
-    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d trial ", line) for line in trial_lines)
+    assert re.search(f"^{stamp}confirm trial ", done.stdout, re.MULTILINE)
     assert re.search(r"^\S+ \S+ base model epoch 1/1: ", done.stdout, re.MULTILINE)
