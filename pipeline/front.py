@@ -271,20 +271,27 @@ def choose_knee(front: pd.DataFrame) -> Knee:
     return Knee(int(ranked.sort_values(["distance", "error", "synops"]).index[0]), KNEE_IDEAL)
 
 
-def best_within_budgets(frame: pd.DataFrame, budgets: list[float], tolerance: float = 0.0
-                        ) -> list[tuple[float, pd.Series | None]]:
+def best_within_budgets(frame: pd.DataFrame, budgets: list[float]) -> list[tuple[float, pd.Series | None]]:
     """For each SynOps budget, among the rows whose validation SynOps fit in it, the one with the
-    fewest SynOps of those within `tolerance` of the best validation accuracy (0: the most
-    accurate, fewer SynOps breaking exact ties), or None when nothing fits."""
+    fewest SynOps of those that cannot be told apart from the most accurate one, or None.
+
+    Rows scored on the same validation images differ by training noise, not by which images were
+    drawn, so "told apart" compares seed means: a row ties with the best when the gap is within
+    1.96 sqrt(sd_best^2 / seeds_best + sd^2 / seeds) (`val_accuracy_sd`, `seeds`; without seed
+    repeats only exact ties count)."""
     chosen = []
     for budget in budgets:
         fitting = frame[frame["val_synops_mean"] <= budget]
         if fitting.empty:
             chosen.append((budget, None))
             continue
-        near_best = fitting[fitting["val_accuracy"] >= fitting["val_accuracy"].max() - tolerance]
-        chosen.append((budget, near_best.sort_values(["val_synops_mean", "val_accuracy"],
-                                                     ascending=[True, False]).iloc[0]))
+        variance = (fitting["val_accuracy_sd"].fillna(0) ** 2 / fitting["seeds"]
+                    if "seeds" in fitting else pd.Series(0.0, index=fitting.index))
+        best = fitting["val_accuracy"].idxmax()
+        margin = Z95 * (variance + variance[best]) ** 0.5
+        tied = fitting[fitting.loc[best, "val_accuracy"] - fitting["val_accuracy"] <= margin]
+        chosen.append((budget, tied.sort_values(["val_synops_mean", "val_accuracy"],
+                                                ascending=[True, False]).iloc[0]))
     return chosen
 
 
@@ -330,38 +337,6 @@ def study_counts(study: optuna.Study) -> StudyCounts:
         failed=sum(t.state == TrialState.FAIL for t in trials),
         running=sum(t.state == TrialState.RUNNING for t in trials),
     )
-
-
-NOTE_TAG = "mlflow.note.content"  # MLflow shows this tag as the run's description
-FRONT_TRIALS_TAG = "synops.front_trials"
-
-
-def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool) -> dict[str, str]:
-    """The study's parent run's description (the front, the knee, the files logged under it) and
-    the front's trial numbers as a tag, so `search_runs` can filter the front out of the trials."""
-    front = front_table(frame)
-    knee = choose(study, frame).knee_member
-    counts = study_counts(study)
-    rows = "\n".join(
-        f"| {int(r['trial'])}{' (knee)' if r['trial'] == knee['trial'] else ''} | "
-        f"{r['val_accuracy']:.2%} | {r['val_synops_mean']:.3g} | {r['test_accuracy']:.2%} | "
-        f"{r['test_synops_mean']:.3g} | `{r['mlflow_run_id']}` |" for _, r in front.iterrows())
-    files = ["`front.csv`", "`pareto.png`"] + (
-        ["`report/index.html` (the whole report: download the `report` folder and open it)",
-         "`report/report.md`"] if with_report else ["the report, once `synops report` has run"])
-    note = (f"## Study `{study.study_name}`: accuracy vs SynOps\n\n"
-            f"{counts.finished} finished, {counts.failed} failed, {counts.running} running trials. "
-            "Front chosen on validation, fewest SynOps first (single runs; the knee is chosen on "
-            "the seed means once the front is confirmed):\n\n"
-            "| trial | val accuracy | val SynOps | test accuracy | test SynOps | run |\n"
-            "|---:|---:|---:|---:|---:|---|\n"
-            f"{rows}\n\n"
-            f"**Knee: trial {int(knee['trial'])}**, {knee['test_accuracy']:.2%} at "
-            f"{knee['test_synops_mean']:.3g} SynOps per test sample. Filter the front's runs with "
-            f"`tags.{FRONT_TRIALS_TAG}` on this run, or `tags.trial_number` on the child runs.\n\n"
-            f"Files logged under this run: {', '.join(files)}.\n")
-    return {NOTE_TAG: note,
-            FRONT_TRIALS_TAG: ",".join(str(n) for n in sorted(int(t) for t in front["trial"]))}
 
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -508,3 +483,35 @@ def choose(study: optuna.Study, frame: pd.DataFrame | None = None) -> Choice:
     members = with_seed_means(front_table(frame), confirmations(study))
     candidates = on_means(members)
     return Choice(members, candidates, choose_knee(candidates))
+
+
+NOTE_TAG = "mlflow.note.content"  # MLflow shows this tag as the run's description
+FRONT_TRIALS_TAG = "synops.front_trials"
+
+
+def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool) -> dict[str, str]:
+    """The study's parent run's description (the front, the knee, the files logged under it) and
+    the front's trial numbers as a tag, so `search_runs` can filter the front out of the trials."""
+    front = front_table(frame)
+    knee = choose(study, frame).knee_member
+    counts = study_counts(study)
+    rows = "\n".join(
+        f"| {int(r['trial'])}{' (knee)' if r['trial'] == knee['trial'] else ''} | "
+        f"{r['val_accuracy']:.2%} | {r['val_synops_mean']:.3g} | {r['test_accuracy']:.2%} | "
+        f"{r['test_synops_mean']:.3g} | `{r['mlflow_run_id']}` |" for _, r in front.iterrows())
+    files = ["`front.csv`", "`pareto.png`"] + (
+        ["`report/index.html` (the whole report: download the `report` folder and open it)",
+         "`report/report.md`"] if with_report else ["the report, once `synops report` has run"])
+    note = (f"## Study `{study.study_name}`: accuracy vs SynOps\n\n"
+            f"{counts.finished} finished, {counts.failed} failed, {counts.running} running trials. "
+            "Front chosen on validation, fewest SynOps first (single runs; the knee is chosen on "
+            "the seed means once the front is confirmed):\n\n"
+            "| trial | val accuracy | val SynOps | test accuracy | test SynOps | run |\n"
+            "|---:|---:|---:|---:|---:|---|\n"
+            f"{rows}\n\n"
+            f"**Knee: trial {int(knee['trial'])}**, {knee['test_accuracy']:.2%} at "
+            f"{knee['test_synops_mean']:.3g} SynOps per test sample. Filter the front's runs with "
+            f"`tags.{FRONT_TRIALS_TAG}` on this run, or `tags.trial_number` on the child runs.\n\n"
+            f"Files logged under this run: {', '.join(files)}.\n")
+    return {NOTE_TAG: note,
+            FRONT_TRIALS_TAG: ",".join(str(n) for n in sorted(int(t) for t in front["trial"]))}

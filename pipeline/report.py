@@ -95,10 +95,10 @@ def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "senec
     return shown
 
 
-def budget_table(candidates: pd.DataFrame, budgets: list[float], tolerance: float) -> pd.DataFrame:
+def budget_table(candidates: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
     """`best_within_budgets` of the candidates, formatted for people."""
     rows = []
-    for budget, best in best_within_budgets(candidates, budgets, tolerance):
+    for budget, best in best_within_budgets(candidates, budgets):
         if best is None:
             rows.append({"budget": f"{budget:.3g}", "trial": "none fits", "val accuracy": "",
                          "test accuracy": "", "test SynOps": ""})
@@ -152,10 +152,11 @@ def _noise_blocks(choice: Choice, detectable: float, val_size: int) -> list[tupl
     apart, and members that the seed means no longer put on the front."""
     members = choice.members
     seeds = int(members["seeds"].max())
-    items = [f"one validation accuracy is measured on {val_size} images: two members' accuracies "
-             f"must differ by at least **{detectable * 100:.2f} points** to be told apart at 95% "
-             "(the budget table below takes the member with the fewest SynOps among those within "
-             "this of the best)"]
+    items = [f"one validation accuracy is measured on {val_size} images: two accuracies measured on "
+             f"different images must differ by at least **{detectable * 100:.2f} points** to be told "
+             "apart at 95%, and each member's 95% interval (table above) is that wide; members "
+             "compared on the same images differ by training noise instead, which the seed repeats "
+             "measure and the budget table uses"]
     pairs = indistinguishable_neighbours(members)
     items.append("neighbours on the front whose validation intervals overlap (cannot be told "
                  "apart): " + (", ".join(f"trials {a} and {b}" for a, b in pairs) or "none"))
@@ -206,8 +207,8 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
         ("h2", f"Knee: trial {int(member['trial'])}"),
         ("p", f"Test accuracy **{_with_interval(member['test_accuracy'], member['test_samples'])}** "
               f"(95% interval) at **{member['test_synops_mean']:.3g}** SynOps per sample (p95 "
-              f"{member['test_synops_p95']:.3g}).{on_seeds} Rule: {knee.explanation()}"
-              f"{', on the validation seed means' if seeds > 1 else ''}."),
+              f"{member['test_synops_p95']:.3g}).{on_seeds} Rule"
+              f"{' (on the validation seed means)' if seeds > 1 else ''}: {knee.explanation()}."),
         ("list", [_comparison(member, "unpenalised base model", base.test.accuracy,
                               base.test.synops_mean)]
          + [_comparison(member, "tutorial recipe", r["test_accuracy"], r["test_synops_mean"])
@@ -218,9 +219,10 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
         *_spiking_blocks(front, member),
         ("h2", "Best accuracy within a SynOps budget"),
         ("p", "Chosen on validation among the front members (on their seed means where "
-              "confirmed): within each budget, the fewest SynOps among those whose accuracy is "
-              f"within the detectable difference ({detectable * 100:.2f} points) of the best."),
-        ("table", budget_table(choice.candidates, budgets, detectable)),
+              "confirmed): within each budget, the fewest SynOps among the members that the seeds "
+              "cannot tell apart from the most accurate one (gap within 1.96 x the standard error "
+              "of the difference of the two seed means)."),
+        ("table", budget_table(choice.candidates, budgets)),
         ("h2", "Energy per sample of the knee"),
         ("table", pd.DataFrame([
             {"chip": chip, "pJ/SynOp": p.picojoules_per_synop,
