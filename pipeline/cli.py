@@ -95,6 +95,18 @@ quiet_option = click.option(
     help="No progress bars, timestamped log lines instead (automatic when not on a terminal).")
 
 
+def study_options(command: Callable) -> Callable:
+    """The options of every command that reads a study: its config and where its stores are."""
+    for option in (storage_option, tracking_option, set_option, config_option):
+        command = option(command)
+    return command
+
+
+def trial_option(help_text: str) -> Callable:
+    return click.option("--trial", "trial_number", type=click.IntRange(min=0), default=None,
+                        help=help_text)
+
+
 def _output(quiet: bool) -> tuple[bool, Callable[[str], None]]:
     """Progress bars only on a terminal; elsewhere (a log file, CI, a scheduler) timestamped lines,
     so that a log reads like the terminal's summary and holds no control characters."""
@@ -223,10 +235,7 @@ def _open_study(config: ExperimentConfig, storage: str | None, tracking_uri: str
 
 
 @main.command()
-@config_option
-@set_option
-@tracking_option
-@storage_option
+@study_options
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: reports/<study name>].")
 @_fail_cleanly
@@ -247,12 +256,8 @@ def report(config_path: str, assignments: tuple[str, ...], tracking_uri: str | N
 
 
 @main.command()
-@config_option
-@set_option
-@tracking_option
-@storage_option
-@click.option("--trial", "trial_number", type=click.IntRange(min=0), default=None,
-              help="Trial number to export.")
+@study_options
+@trial_option("Trial number to export.")
 @click.option("--knee", is_flag=True, help="Export the front's knee point.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: exports/<study>-trial-<N>].")
@@ -281,12 +286,8 @@ def export(config_path: str, assignments: tuple[str, ...], tracking_uri: str | N
 
 
 @main.command()
-@config_option
-@set_option
-@tracking_option
-@storage_option
-@click.option("--trial", "trial_number", type=click.IntRange(min=0), default=None,
-              help="Check this finished trial.")
+@study_options
+@trial_option("Check this finished trial.")
 @click.option("--knee", is_flag=True, help="Check the front's knee.")
 @click.option("--front", "whole_front", is_flag=True, help="Check every front member.")
 @click.option("--max-samples", type=click.IntRange(min=0), default=None,
@@ -298,16 +299,13 @@ def snn(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None
         max_samples: int | None, quiet: bool) -> None:
     """Simulate study members as spiking networks (settings in [snn]) and log what the ANN's
     SynOps estimate and predictions become; the report shows it."""
-    import dataclasses
-
     from pipeline.snn_check import check_members, chosen_members, describe
 
     if sum([trial_number is not None, knee, whole_front]) != 1:
         raise click.UsageError("give exactly one of --trial N, --knee or --front")
-    overrides = {"snn.max_samples": max_samples} if max_samples is not None else {}
+    if max_samples is not None:
+        assignments += (f"snn.max_samples={max_samples}",)
     config = _resolve_config(config_path, assignments, {})
-    config = dataclasses.replace(config, snn=dataclasses.replace(config.snn, **{
-        k.removeprefix("snn."): v for k, v in overrides.items()}))
     study, tracker = _open_study(config, storage, tracking_uri)
     members = chosen_members(study, trial_number, knee)
     subset = (f"the first {config.snn.max_samples} test images" if config.snn.max_samples
