@@ -164,18 +164,20 @@ def energy_column(chip: str) -> str:
 
 def _row(record: TrialRecord) -> dict[str, Any]:
     test = record.test
+    val_low, val_high = wilson_interval(record.val.accuracy, record.val.samples)
+    test_low, test_high = wilson_interval(test.accuracy, test.samples)
     return {
         "trial": record.number,
         "kind": record.kind,
         **{k: record.params.get(k) for k in PARAM_COLUMNS},
         "val_accuracy": record.val.accuracy,
-        "val_accuracy_low": wilson_interval(record.val.accuracy, record.val.samples)[0],
-        "val_accuracy_high": wilson_interval(record.val.accuracy, record.val.samples)[1],
+        "val_accuracy_low": val_low,
+        "val_accuracy_high": val_high,
         "val_samples": record.val.samples,
         "val_synops_mean": record.val.synops_mean,
         "test_accuracy": test.accuracy,
-        "test_accuracy_low": wilson_interval(test.accuracy, test.samples)[0],
-        "test_accuracy_high": wilson_interval(test.accuracy, test.samples)[1],
+        "test_accuracy_low": test_low,
+        "test_accuracy_high": test_high,
         "test_samples": test.samples,
         "test_synops_mean": test.synops_mean,
         "test_synops_p50": test.synops_p50,
