@@ -7,12 +7,12 @@ CONFIG ?= experiments/mnist.toml
 TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 STORAGE ?= sqlite:///mlruns/optuna.db
 
-.PHONY: install test lint data train sweep report snn bench ui dashboard clean
+.PHONY: install test lint data train sweep report snn bench ui dashboard services services-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import pipeline, torch, torchvision, mlflow, optuna, sinabs"
+	$(BIN)/python -c "import pipeline, torch, torchvision, mlflow, optuna, sinabs, psycopg"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create or refresh .venv
@@ -47,6 +47,12 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
 dashboard: $(STAMP)  ## optuna-dashboard on http://127.0.0.1:8080 (installs the dashboard extra)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dashboard]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/optuna-dashboard $(STORAGE) --host 127.0.0.1 --port 8080
+
+services: $(STAMP)  ## PostgreSQL + MLflow server on 127.0.0.1 for a study on several machines
+	$(BIN)/synops services start --dir .services
+
+services-stop: $(STAMP)  ## stop them (their data stays in .services/)
+	$(BIN)/synops services stop --dir .services
 
 clean:
 	rm -rf reports .pytest_cache .ruff_cache

@@ -46,14 +46,17 @@ def _fail_cleanly(command: Callable) -> Callable:
     from pipeline.data import DataError
     from pipeline.front import NoSuchTrialError, StudyFormatError
     from pipeline.report import EmptyStudyError, UnsafeOutputError
+    from pipeline.services import ServicesError
+    from pipeline.sweep.lease import LeaseTimeoutError
+    from pipeline.sweep.objective import BaseModelUnavailableError
     from pipeline.sweep.storage import StudyNotFoundError
-    from pipeline.sweep.workers import BaseModelUnavailableError, TooManyFailuresError, WorkerError
+    from pipeline.sweep.workers import TooManyFailuresError, WorkerError
     from pipeline.tracking import TrackingError
     from pipeline.train import DivergedError
 
     failures = (DataError, DivergedError, FileNotFoundError, WorkerError, TooManyFailuresError,
                 BaseModelUnavailableError, TrackingError, StudyNotFoundError, StudyFormatError,
-                EmptyStudyError, NoSuchTrialError)
+                EmptyStudyError, NoSuchTrialError, LeaseTimeoutError, ServicesError)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -224,6 +227,52 @@ def sweep(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
     click.echo(f"{config.name}: {front} trials on the front; study in {storage_url}, runs in {uri}. "
                f"Next: synops report --config {config_path}")
 
+
+
+@main.group()
+def services() -> None:
+    """PostgreSQL and an MLflow server for a study shared by several machines."""
+
+
+services_dir_option = click.option(
+    "--dir", "folder", type=click.Path(file_okay=False), default=".services", show_default=True,
+    help="Folder of the database cluster, artifacts, logs and services.json.")
+
+
+@services.command("start")
+@services_dir_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface both servers listen on: loopback, or a private network's address.")
+@click.option("--postgres-port", type=click.IntRange(min=0, max=65535), default=0,
+              help="[default: a free port]")
+@click.option("--mlflow-port", type=click.IntRange(min=0, max=65535), default=0,
+              help="[default: a free port]")
+@_fail_cleanly
+def services_start(folder: str, host: str, postgres_port: int, mlflow_port: int) -> None:
+    """Start both servers (installing Debian's postgresql as root when missing); print the URLs."""
+    from pathlib import Path
+
+    from pipeline.services import start_services
+
+    started = start_services(Path(folder), host, postgres_port, mlflow_port, echo=click.echo)
+    click.echo(f"PostgreSQL and the MLflow server run (state in {folder}/services.json). On every "
+               "worker machine:\n"
+               f"  synops sweep --config <config> --storage '{started.storage_url}' "
+               f"--tracking-uri {started.tracking_uri}\n"
+               f"MLflow UI: {started.tracking_uri}; stop with `synops services stop --dir {folder}`")
+
+
+@services.command("stop")
+@services_dir_option
+@_fail_cleanly
+def services_stop(folder: str) -> None:
+    """Stop both servers; their data stays in the folder."""
+    from pathlib import Path
+
+    from pipeline.services import stop_services
+
+    stopped = stop_services(Path(folder))
+    click.echo("services stopped" if stopped else f"no services were running in {folder}")
 
 
 def _open_study(config: ExperimentConfig, storage: str | None, tracking_uri: str | None):

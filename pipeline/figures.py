@@ -18,7 +18,20 @@ from pipeline.front import PARAM_COLUMNS, BaseRecord, layer_column  # noqa: E402
 
 def _marker_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     front = frame[frame["on_front"]].sort_values("test_synops_mean")
-    return frame[~frame["on_front"]], front, frame[frame["kind"] == "reference"]
+    trials, reference = frame[frame["kind"] == "trial"], frame[frame["kind"] == "reference"]
+    return trials[~trials["on_encoding_front"]], front, reference
+
+
+def _encodings(frame: pd.DataFrame, bases: dict[int, BaseRecord]
+               ) -> list[tuple[int, str, pd.DataFrame, BaseRecord | None]]:
+    """Per input encoding, largest first: its colour, its own front's trials (fewest test
+    SynOps first) and its base model, if trained."""
+    found = sorted({*bases, *frame["spikes_per_pixel"].astype(int)}, reverse=True)
+    palette = plt.get_cmap("tab10").colors
+    return [(k, matplotlib.colors.to_hex(palette[i % len(palette)]),
+             frame[(frame["spikes_per_pixel"] == k) & frame["on_encoding_front"]
+                   & (frame["kind"] == "trial")].sort_values("test_synops_mean"), bases.get(k))
+            for i, k in enumerate(found)]
 
 
 def _confirmed(members: pd.DataFrame | None) -> pd.DataFrame:
@@ -28,18 +41,26 @@ def _confirmed(members: pd.DataFrame | None) -> pd.DataFrame:
     return members[members["seeds"] > 1]
 
 
-def pareto_png(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord | None = None,
+def pareto_png(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, BaseRecord],
                knee: pd.Series | None = None, members: pd.DataFrame | None = None) -> None:
-    """Test accuracy vs mean test SynOps of every finished trial (a `trials_frame`): the front
-    (chosen on validation) connected, dominated trials faded, the tutorial recipe, base model,
-    floor and knee marked, and the seed mean ± sd of each confirmed member (`members`); the legend
-    sits outside the data."""
+    """Test accuracy vs mean test SynOps of every finished trial (a `trials_frame`): the overall
+    front (chosen on validation) as a broad band, each input encoding's own front, base model and
+    input-layer floor in its colour, trials dominated within their encoding faded, the tutorial
+    recipe and knee marked, and the seed mean ± sd of each confirmed member (`members`); the
+    legend sits outside the data."""
     dominated, front, reference = _marker_rows(frame)
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     ax.scatter(dominated["test_synops_mean"], dominated["test_accuracy"] * 100, color="0.6",
-               alpha=0.4, label="dominated trials")
-    ax.plot(front["test_synops_mean"], front["test_accuracy"] * 100, "o-", color="tab:blue",
-            label="Pareto front")
+               alpha=0.4, label="trials dominated within their encoding")
+    ax.plot(front["test_synops_mean"], front["test_accuracy"] * 100, "-", color="0.2", alpha=0.25,
+            linewidth=9, solid_capstyle="round", label="overall Pareto front")
+    for k, colour, own, base in _encodings(frame, bases):
+        ax.plot(own["test_synops_mean"], own["test_accuracy"] * 100, "o-", color=colour,
+                label=f"{k} spikes/pixel: its front")
+        if base is not None:
+            ax.scatter([base.test.synops_mean], [base.test.accuracy * 100], marker="D", s=60,
+                       color=colour, edgecolors="black", zorder=5)
+            ax.axvline(base.test.input_layer_synops, color=colour, linestyle="--", alpha=0.7)
     ax.scatter(reference["test_synops_mean"], reference["test_accuracy"] * 100, marker="*", s=220,
                color="tab:red", zorder=5, label="tutorial recipe")
     confirmed = _confirmed(members)
@@ -48,11 +69,9 @@ def pareto_png(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord | N
                     xerr=confirmed["test_synops_mean_sd"], yerr=confirmed["test_accuracy_sd"] * 100,
                     fmt="s", markersize=4, color="tab:green", capsize=3, alpha=0.8, zorder=4,
                     label=f"front member: mean ± sd over {int(confirmed['seeds'].max())} seeds")
-    if base is not None:
-        ax.scatter([base.test.synops_mean], [base.test.accuracy * 100], marker="D", s=70,
-                   color="black", zorder=5, label="unpenalised base model")
-        ax.axvline(base.test.input_layer_synops, color="tab:gray", linestyle="--",
-                   label="input-layer floor (set by the data)")
+    ax.scatter([], [], marker="D", color="white", edgecolors="black",
+               label="unpenalised base model (its encoding's colour)")
+    ax.plot([], [], "--", color="0.4", label="input-layer floor (set by the data and encoding)")
     if knee is not None:
         ax.scatter([knee["test_synops_mean"]], [knee["test_accuracy"] * 100], s=260,
                    facecolors="none", edgecolors="tab:orange", linewidths=2.5, zorder=6,
@@ -83,24 +102,38 @@ def _hover(rows: pd.DataFrame) -> list[str]:
     return texts
 
 
-def pareto_html(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord,
+def pareto_html(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, BaseRecord],
                 knee: pd.Series, members: pd.DataFrame | None = None) -> None:
-    """The Pareto plot as interactive plotly HTML; plotly.js is written next to it (no CDN).
-    Confirmed front members get their seed mean ± sd as a last trace."""
+    """The Pareto plot as interactive plotly HTML, drawn as `pareto_png`; plotly.js is written
+    next to it (no CDN). The finished trials come first, one marker each (dominated within their
+    encoding, each encoding's front, the tutorial recipe), then what is drawn around them."""
     dominated, front, reference = _marker_rows(frame)
+    encodings = _encodings(frame, bases)
     fig = go.Figure()
-    for rows, name, style in (
-        (dominated, "dominated trials", {"mode": "markers", "marker": {"color": "lightgray"}}),
-        (front, "Pareto front", {"mode": "lines+markers", "marker": {"color": "royalblue"}}),
-        (reference, "tutorial recipe",
-         {"mode": "markers", "marker": {"symbol": "star", "size": 16, "color": "crimson"}}),
-    ):
-        fig.add_trace(go.Scatter(x=rows["test_synops_mean"], y=rows["test_accuracy"] * 100,
-                                 name=name, text=_hover(rows), hoverinfo="text", **style))
-    fig.add_trace(go.Scatter(
-        x=[base.test.synops_mean], y=[base.test.accuracy * 100], name="unpenalised base model",
-        mode="markers", marker={"symbol": "diamond", "size": 12, "color": "black"},
-        text=[f"base model, MLflow run {base.run_id}"], hoverinfo="text"))
+    fig.add_trace(go.Scatter(x=dominated["test_synops_mean"], y=dominated["test_accuracy"] * 100,
+                             name="trials dominated within their encoding", text=_hover(dominated),
+                             hoverinfo="text", mode="markers", marker={"color": "lightgray"}))
+    for k, colour, own, _ in encodings:
+        fig.add_trace(go.Scatter(x=own["test_synops_mean"], y=own["test_accuracy"] * 100,
+                                 name=f"{k} spikes/pixel: its front", text=_hover(own),
+                                 hoverinfo="text", mode="lines+markers", marker={"color": colour}))
+    fig.add_trace(go.Scatter(x=reference["test_synops_mean"], y=reference["test_accuracy"] * 100,
+                             name="tutorial recipe", text=_hover(reference), hoverinfo="text",
+                             mode="markers",
+                             marker={"symbol": "star", "size": 16, "color": "crimson"}))
+    fig.add_trace(go.Scatter(x=front["test_synops_mean"], y=front["test_accuracy"] * 100,
+                             name="overall Pareto front", mode="lines", hoverinfo="skip",
+                             line={"color": "rgba(0,0,0,0.2)", "width": 12}))
+    for k, colour, _, base in encodings:
+        if base is not None:
+            fig.add_trace(go.Scatter(
+                x=[base.test.synops_mean], y=[base.test.accuracy * 100],
+                name=f"{k} spikes/pixel: base model", mode="markers",
+                marker={"symbol": "diamond", "size": 12, "color": colour,
+                        "line": {"color": "black", "width": 1}},
+                text=[f"base model, {k} spikes/pixel, MLflow run {base.run_id}"], hoverinfo="text"))
+            fig.add_vline(x=base.test.input_layer_synops, line_dash="dash", line_color=colour,
+                          annotation_text=f"floor, {k}/pixel")
     fig.add_trace(go.Scatter(
         x=[knee["test_synops_mean"]], y=[knee["test_accuracy"] * 100],
         name=f"knee: trial {int(knee['trial'])}", mode="markers", hoverinfo="skip",
@@ -117,8 +150,6 @@ def pareto_html(frame: pd.DataFrame, title: str, path: Path, base: BaseRecord,
                   f"{r['test_accuracy_mean']:.2%} ± {r['test_accuracy_sd'] * 100:.2f}"
                   f"{' (dominated on the means)' if r['dominated_on_means'] else ''}"
                   for _, r in confirmed.iterrows()], hoverinfo="text"))
-    fig.add_vline(x=base.test.input_layer_synops, line_dash="dash", line_color="gray",
-                  annotation_text="input-layer floor")
     fig.update_layout(title=f"{title}: accuracy vs SynOps (front chosen on validation)",
                       xaxis={"type": "log", "title": "mean SynOps per test sample"},
                       yaxis={"title": "test accuracy (%)"}, template="plotly_white")

@@ -22,13 +22,15 @@ from pipeline.evaluate import Evaluation, SpikingEvaluation, energy_per_sample
 # The objectives, in Optuna's order: validation accuracy up, mean validation SynOps per sample down.
 DIRECTIONS = ("maximize", "minimize")
 OBJECTIVE_NAMES = ("val_accuracy", "val_synops_mean")
-# Study user attributes: the record a study keeps of itself (version 2 adds config and base model).
-SCHEMA_VERSION = 2
+# Study user attributes: the record a study keeps of itself (version 2 adds config and base model,
+# version 3 one base model per input encoding).
+SCHEMA_VERSION = 3
 ATTR_SCHEMA = "schema_version"
 ATTR_CONFIG = "config"
 ATTR_BOUNDS = "search_bounds"
-ATTR_BASE = "base_model"
+BASE_ATTR_PREFIX = "base_model."  # + spikes per pixel: that encoding's base model, once trained
 ATTR_PARENT_RUN = "mlflow_parent_run_id"
+ATTR_WORKER_STARTS = "worker_starts"  # how many workers have started on the study, anywhere
 # Trial user attributes.
 ATTR_REFERENCE = "reference"  # "tutorial" on the trial that runs the tutorial's recipe
 ATTR_RUN_ID = "mlflow_run_id"
@@ -37,9 +39,13 @@ ATTR_VAL = "val"
 ATTR_TEST = "test"
 ATTR_SECONDS = "seconds"
 ATTR_SURPLUS = "surplus"  # pruned at once: the study already had n_trials trials
+ATTR_ENCODING = "spikes_per_pixel"  # the trial's input encoding, searched or not
+ATTR_TARGET = "target_synops"  # the SynOps target its position resolved to, on its encoding
+ATTR_WORKER = "worker"  # host:pid of the process that ran it, to trace a trial to its machine
 # Study user attribute per member checked as a spiking network (finished trials are read-only).
 SNN_ATTR_PREFIX = "snn_check."
-PARAM_COLUMNS = ("penalty", "penalty_strength", "target_synops", "epochs", "lr")
+PARAM_COLUMNS = ("spikes_per_pixel", "penalty", "penalty_strength", "target_position",
+                 "target_synops", "epochs", "lr")
 
 KNEE_BULGE = "bulge"
 KNEE_IDEAL = "ideal"
@@ -56,13 +62,15 @@ class StudyFormatError(RuntimeError):
 
 @dataclass(frozen=True)
 class SearchBounds:
-    """The resolved search space, fixed when the study is created."""
+    """The search space, fixed when the study is created. `target_synops` is as configured (0 =
+    measured); each encoding's resolved range is stored with its base model."""
 
     penalty_strength: tuple[float, float]
     target_synops: tuple[float, float]
     penalties: tuple[str, ...]
     epochs: tuple[int, int] | None
     lr: tuple[float, float] | None
+    spikes_per_pixel: tuple[int, ...]  # the input encodings, largest first
 
     def to_record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,30 +82,53 @@ class SearchBounds:
 
 @dataclass(frozen=True)
 class BaseRecord:
-    """The unpenalised base model every trial fine-tunes: its run and how it scored."""
+    """The unpenalised base model of one input encoding, which that encoding's trials fine-tune:
+    its run, how it scored, and the range of SynOps targets searched on it (just above its
+    input-layer floor up to its own SynOps)."""
 
+    spikes_per_pixel: int
     run_id: str
     val: Evaluation
     test: Evaluation
+    target_synops: tuple[float, float]
 
     def to_record(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "val": self.val.to_record(), "test": self.test.to_record()}
+        return {"spikes_per_pixel": self.spikes_per_pixel, "run_id": self.run_id,
+                "val": self.val.to_record(), "test": self.test.to_record(),
+                "target_synops": list(self.target_synops)}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> BaseRecord:
-        return cls(record["run_id"], Evaluation.from_record(record["val"]),
-                   Evaluation.from_record(record["test"]))
+        low, high = record["target_synops"]
+        return cls(record["spikes_per_pixel"], record["run_id"], Evaluation.from_record(record["val"]),
+                   Evaluation.from_record(record["test"]), (low, high))
+
+
+def base_attr(spikes_per_pixel: int) -> str:
+    return f"{BASE_ATTR_PREFIX}{spikes_per_pixel}"
+
+
+def study_bases(study: optuna.Study) -> dict[int, BaseRecord]:
+    """The base models trained so far, by encoding (read afresh: other workers add them)."""
+    return {int(key.removeprefix(BASE_ATTR_PREFIX)): BaseRecord.from_record(value)
+            for key, value in study.user_attrs.items() if key.startswith(BASE_ATTR_PREFIX)}
 
 
 @dataclass(frozen=True)
 class StudyRecord:
-    """What a study stored about itself when it was prepared."""
+    """What a study stored about itself: its config, search space, parent run and the base
+    models trained so far. `base`, the largest encoding's, is trained when the study is prepared
+    and fixes the hypervolume's reference point."""
 
     name: str
     config: ExperimentConfig
     bounds: SearchBounds
-    base: BaseRecord
+    bases: dict[int, BaseRecord]
     parent_run_id: str
+
+    @property
+    def base(self) -> BaseRecord:
+        return self.bases[max(self.bounds.spikes_per_pixel)]
 
     @property
     def layers(self) -> list[str]:
@@ -113,8 +144,8 @@ class StudyRecord:
                 f"version {attrs.get(ATTR_SCHEMA)}, expected {SCHEMA_VERSION}): start a new study "
                 "under another `name`, or with other --storage/--tracking-uri stores")
         return cls(study.study_name, config_from_dict(attrs[ATTR_CONFIG]),
-                   SearchBounds.from_record(attrs[ATTR_BOUNDS]),
-                   BaseRecord.from_record(attrs[ATTR_BASE]), attrs[ATTR_PARENT_RUN])
+                   SearchBounds.from_record(attrs[ATTR_BOUNDS]), study_bases(study),
+                   attrs[ATTR_PARENT_RUN])
 
 
 @dataclass(frozen=True)
@@ -124,6 +155,8 @@ class TrialRecord:
     number: int
     kind: str  # "trial" or "reference"
     params: dict[str, Any]
+    spikes_per_pixel: int
+    target_synops: float
     val: Evaluation
     test: Evaluation
     seconds: float
@@ -133,9 +166,9 @@ class TrialRecord:
     def from_trial(cls, trial: FrozenTrial) -> TrialRecord:
         attrs = trial.user_attrs
         return cls(trial.number, "reference" if attrs.get(ATTR_REFERENCE) else "trial",
-                   dict(trial.params), Evaluation.from_record(attrs[ATTR_VAL]),
-                   Evaluation.from_record(attrs[ATTR_TEST]), attrs.get(ATTR_SECONDS, math.nan),
-                   attrs[ATTR_RUN_ID])
+                   dict(trial.params), attrs[ATTR_ENCODING], attrs[ATTR_TARGET],
+                   Evaluation.from_record(attrs[ATTR_VAL]), Evaluation.from_record(attrs[ATTR_TEST]),
+                   attrs.get(ATTR_SECONDS, math.nan), attrs[ATTR_RUN_ID])
 
 
 def finished_trials(study: optuna.Study) -> list[TrialRecord]:
@@ -170,6 +203,8 @@ def _row(record: TrialRecord) -> dict[str, Any]:
         "trial": record.number,
         "kind": record.kind,
         **{k: record.params.get(k) for k in PARAM_COLUMNS},
+        "spikes_per_pixel": record.spikes_per_pixel,
+        "target_synops": record.target_synops,
         "val_accuracy": record.val.accuracy,
         "val_accuracy_low": val_low,
         "val_accuracy_high": val_high,
@@ -205,16 +240,26 @@ def _snn_row(check: SpikingEvaluation | None) -> dict[str, Any]:
                             f"{settings['spike_fn']}-spike"}
 
 
+def non_dominated(accuracy: pd.Series, synops: pd.Series) -> pd.Series:
+    """Which rows no other row beats on both accuracy (up) and SynOps (down). Hand-written for the
+    fronts within one encoding: Optuna computes the study's front only."""
+    return pd.Series([not bool(((accuracy >= a) & (synops <= s) & ((accuracy > a) | (synops < s))).any())
+                      for a, s in zip(accuracy, synops, strict=True)], index=accuracy.index)
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per finished trial, and whether it is on the Pareto front (Optuna's
-    `best_trials`, computed on the validation objectives). Parameters a study never searched are
-    left out."""
+    """One row per finished trial, whether it is on the Pareto front (Optuna's `best_trials`,
+    computed on the validation objectives) and on the front of its own input encoding.
+    Parameters a study never searched are left out."""
     front = {t.number for t in study.best_trials}
     checks = spiking_checks(study)
     frame = pd.DataFrame([_row(r) | {"on_front": r.number in front} | _snn_row(checks.get(r.number))
                           for r in finished_trials(study)])
     if frame.empty:
         return frame
+    frame["on_encoding_front"] = pd.concat(
+        [non_dominated(rows["val_accuracy"], rows["val_synops_mean"])
+         for _, rows in frame.groupby("spikes_per_pixel")]).sort_index()
     unused = [c for c in (*PARAM_COLUMNS, *SNN_COLUMNS) if frame[c].isna().all()]
     return frame.drop(columns=unused)
 
@@ -432,10 +477,8 @@ def with_seed_means(front: pd.DataFrame, found: dict[int, list[Confirmation]]) -
                      "test_synops_mean_sd": _sd(test_synops), "val_mean_low": low,
                      "val_mean_high": high})
     table = pd.concat([front.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
-    accuracy, synops = table["val_accuracy_mean"], table["val_synops_mean_mean"]
-    table["dominated_on_means"] = [
-        bool(((accuracy >= a) & (synops <= s) & ((accuracy > a) | (synops < s))).any())
-        for a, s in zip(accuracy, synops, strict=True)]
+    table["dominated_on_means"] = ~non_dominated(table["val_accuracy_mean"],
+                                                 table["val_synops_mean_mean"])
     return table
 
 

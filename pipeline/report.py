@@ -25,6 +25,7 @@ from pipeline.front import (
     PARAM_COLUMNS,
     SEED_COLUMNS,
     SNN_COLUMNS,
+    BaseRecord,
     Choice,
     StudyRecord,
     best_within_budgets,
@@ -98,13 +99,38 @@ def budget_table(candidates: pd.DataFrame, budgets: list[float]) -> pd.DataFrame
     rows = []
     for budget, best in best_within_budgets(candidates, budgets):
         if best is None:
-            rows.append({"budget": f"{budget:.3g}", "trial": "none fits", "val accuracy": "",
-                         "test accuracy": "", "test SynOps": ""})
+            rows.append({"budget": f"{budget:.3g}", "trial": "none fits", "spikes/pixel": "",
+                         "val accuracy": "", "test accuracy": "", "test SynOps": ""})
             continue
         rows.append({"budget": f"{budget:.3g}", "trial": int(best["trial"]),
+                     "spikes/pixel": int(best["spikes_per_pixel"]),
                      "val accuracy": f"{best['val_accuracy']:.2%}",
                      "test accuracy": _mean_sd(best["test_accuracy_mean"], best["test_accuracy_sd"]),
                      "test SynOps": f"{best['test_synops_mean_mean']:.3g}"})
+    return pd.DataFrame(rows)
+
+
+def encoding_table(frame: pd.DataFrame, bases: dict[int, BaseRecord]) -> pd.DataFrame:
+    """One row per input encoding: its floor and base model, how many trials tried it, and the
+    ends of its own front (chosen on validation; test numbers shown)."""
+    rows = []
+    for k in sorted({*bases, *frame["spikes_per_pixel"].astype(int)}, reverse=True):
+        trials = frame[(frame["spikes_per_pixel"] == k) & (frame["kind"] == "trial")]
+        front = trials[trials["on_encoding_front"]].sort_values("val_synops_mean")
+        base = bases.get(k)
+        ends = [front.iloc[0], front.iloc[-1]] if len(front) else []
+        rows.append({
+            "spikes/pixel": k,
+            "input-layer floor": f"{base.test.input_layer_synops:.3g}" if base else "",
+            "base model": (f"{base.test.accuracy:.2%} at {base.test.synops_mean:.3g}" if base
+                           else "not trained"),
+            "trials": len(trials),
+            "front members": len(front),
+            "fewest SynOps on its front": (f"{ends[0]['test_accuracy']:.2%} at "
+                                           f"{ends[0]['test_synops_mean']:.3g}" if ends else ""),
+            "most accurate on its front": (f"{ends[1]['test_accuracy']:.2%} at "
+                                           f"{ends[1]['test_synops_mean']:.3g}" if ends else ""),
+        })
     return pd.DataFrame(rows)
 
 
@@ -173,11 +199,13 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
                    reference_point: tuple[float, float], budgets: list[float], tracker: Tracker
                    ) -> list[tuple[str, object]]:
     """The report's content as (kind, value) blocks, rendered to Markdown and HTML alike."""
-    config, base = record.config, record.base
+    config = record.config
     counts = study_counts(study)
     wall, training = _duration(study)
     weights = sum(p.numel() for p in build_model(config.model).parameters())
     front, knee, member = choice.members, choice.knee, choice.knee_member
+    encoding = int(member["spikes_per_pixel"])
+    base = record.bases[encoding]
     run_id = member["mlflow_run_id"]
     best = choice.candidates["val_accuracy"].max()
     detectable = detectable_difference(best, int(member["val_samples"]))
@@ -202,24 +230,37 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
               "SynOps first; test numbers and energy per sample on two chip profiles. "
               "All chip profiles and per-layer SynOps are in [front.csv](front.csv)."),
         ("table", display_front(front)),
+        ("h2", "Input encodings"),
+        ("p", "How many spikes a pixel becomes is a design choice: pixel value 0..255 becomes "
+              "0..k spikes (k = spikes/pixel; equal-width bins). Fewer input spikes lower the "
+              "input-layer floor, the SynOps no training can remove, on the same task. Each "
+              "encoding has its own unpenalised base model, which its trials fine-tune; the "
+              "figure draws each encoding's own front in its colour and its floor as a dashed "
+              "line."),
+        ("table", encoding_table(frame, record.bases)),
         ("h2", f"Knee: trial {int(member['trial'])}"),
         ("p", f"Test accuracy **{_with_interval(member, 'test')}** "
               f"(95% interval) at **{member['test_synops_mean']:.3g}** SynOps per sample (p95 "
-              f"{member['test_synops_p95']:.3g}).{on_seeds} Rule"
+              f"{member['test_synops_p95']:.3g}), input encoding **{encoding} spikes per pixel**."
+              f"{on_seeds} Rule"
               f"{' (on the validation seed means)' if seeds > 1 else ''}: {knee.explanation()}."),
-        ("list", [_comparison(member, "unpenalised base model", base.test.accuracy,
-                              base.test.synops_mean)]
-         + [_comparison(member, "tutorial recipe", r["test_accuracy"], r["test_synops_mean"])
+        ("list", [_comparison(member, f"unpenalised base model ({encoding} spikes/pixel)",
+                              base.test.accuracy, base.test.synops_mean)]
+         + ([_comparison(member, f"unpenalised base model ({record.base.spikes_per_pixel} "
+                                 "spikes/pixel)", record.base.test.accuracy,
+                         record.base.test.synops_mean)] if record.base is not base else [])
+         + [_comparison(member, "tutorial recipe (255 spikes/pixel)", r["test_accuracy"],
+                        r["test_synops_mean"])
             for _, r in frame[frame["kind"] == "reference"].iterrows()]
-         + [f"input-layer floor: {base.test.input_layer_synops:.3g} SynOps per sample are set by "
-            "the data and cannot be trained away"]),
+         + [f"input-layer floor of its encoding: {base.test.input_layer_synops:.3g} SynOps per "
+            "sample are set by the data and its encoding and cannot be trained away"]),
         *_noise_blocks(choice, detectable, config.data.val_size),
         *_spiking_blocks(front, member),
         ("h2", "Best accuracy within a SynOps budget"),
         ("p", "Chosen on validation among the front members (on their seed means where "
               "confirmed): within each budget, the fewest SynOps among the members that the seeds "
               "cannot tell apart from the most accurate one (gap within 1.96 x the standard error "
-              "of the difference of the two seed means)."),
+              "of the difference of the two seed means), whatever its input encoding."),
         ("table", budget_table(choice.candidates, budgets)),
         ("h2", "Energy per sample of the knee"),
         ("table", pd.DataFrame([
@@ -230,7 +271,8 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
         ("p", f"Hypervolume of the validation front after each trial, measured from the reference "
               f"point accuracy {reference_point[0]:.0%} (chance level for "
               f"{config.model.num_classes} classes) and {reference_point[1]:.3g} SynOps (the base "
-              "model's, validation)."),
+              f"model's of the largest encoding, {record.base.spikes_per_pixel} spikes/pixel, "
+              "validation)."),
         ("img", "hypervolume.png"),
         ("img", "layers.png"),
         ("h2", "Open the chosen run"),
@@ -322,8 +364,8 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
     try:
         (staging / MARKER).write_text("written by `synops report`; the folder is replaced whole by "
                                       "the next report\n")
-        pareto_png(frame, study.study_name, staging / "pareto.png", record.base, member, front)
-        pareto_html(frame, study.study_name, staging / "pareto.html", record.base, member, front)
+        pareto_png(frame, study.study_name, staging / "pareto.png", record.bases, member, front)
+        pareto_html(frame, study.study_name, staging / "pareto.html", record.bases, member, front)
         hypervolume_png(hypervolume_history(frame, reference_point), reference_point,
                         staging / "hypervolume.png")
         layers_png(front, layers, staging / "layers.png")
@@ -331,7 +373,7 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
         if int(member["trial"]) in checks:
             snn_layers_png(checks[int(member["trial"])], layers, int(member["trial"]),
                            staging / "snn_layers.png")
-        columns = ["trial", "kind", *[c for c in PARAM_COLUMNS if c in front],
+        columns = ["trial", "kind", *[c for c in PARAM_COLUMNS if c in front], "on_encoding_front",
                    "val_accuracy", "val_accuracy_low", "val_accuracy_high", "val_synops_mean",
                    "test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_synops_mean",
                    "test_synops_p50", "test_synops_p95", "test_synops_max", *SEED_COLUMNS,

@@ -26,7 +26,7 @@ from sinabs.conversion import replace_module
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import MAX_PIXEL_COUNT, SNNConfig
+from pipeline.config import SNNConfig
 from pipeline.data import Split, batches
 from pipeline.evaluate import SpikingEvaluation, evaluate
 from pipeline.layers import NeuromorphicReLU, SumPool2d
@@ -54,13 +54,17 @@ def encode(counts: torch.Tensor, config: SNNConfig, generator: torch.Generator) 
     """Spike trains (batch, steps, C, H, W) for integer spike counts (batch, C, H, W).
 
     `regular` and `poisson` keep each pixel's count exactly; with single-spike neurons a step
-    carries at most one input spike. (Hand-written: sinabs has no encoder for given counts.)
+    carries at most one input spike; `rate` keeps it on average. (Hand-written: sinabs has no
+    encoder for given counts.)
     """
     counts = counts.round().long()
     steps = config.steps
+    if config.needs_step_per_spike() and counts.numel() and int(counts.max()) > steps:
+        raise ValueError(f"a pixel carries {int(counts.max())} spikes but {config.encoding} input "
+                         f"with {config.spike_fn}-spike neurons has {steps} steps: raise snn.steps")
     shape = (counts.shape[0], steps, *counts.shape[1:])
     if config.encoding == "rate":
-        probability = (counts.float() / MAX_PIXEL_COUNT).unsqueeze(1).expand(shape)
+        probability = (counts.float() / steps).unsqueeze(1).expand(shape)
         return torch.bernoulli(probability, generator=generator)
     if config.encoding == "regular":
         ticks = torch.arange(steps + 1, device=counts.device).view(1, -1, *[1] * (counts.dim() - 1))

@@ -8,7 +8,7 @@ import dataclasses
 import optuna
 
 from pipeline.config import ExperimentConfig
-from pipeline.data import load_dataset
+from pipeline.data import load_pixels
 from pipeline.evaluate import SpikingEvaluation
 from pipeline.front import (
     NoSuchTrialError,
@@ -39,17 +39,19 @@ def chosen_members(study: optuna.Study, trial: int | None, knee: bool) -> list[T
 
 def check_members(study: optuna.Study, members: list[TrialRecord], config: ExperimentConfig,
                   tracker: Tracker, progress: bool = True) -> list[SpikingEvaluation]:
-    """Simulate `members` with `config.snn` on the study's test set (read from `config.data.root`),
-    log each result to the member's run (metrics `snn_*`, settings as `snn.*` tags) and store it
-    in the study (`snn_check.<trial>`), replacing an earlier check of the same member."""
+    """Simulate `members` with `config.snn` on the study's test set (read from `config.data.root`)
+    in each member's own input encoding, log each result to the member's run (metrics `snn_*`,
+    settings as `snn.*` tags) and store it in the study (`snn_check.<trial>`), replacing an
+    earlier check of the same member."""
     record = StudyRecord.load(study)
     data = dataclasses.replace(record.config.data, root=config.data.root,
                                verify_checksums=config.data.verify_checksums)
-    test = load_dataset(data).test
+    pixels = load_pixels(data)
     results = []
     for member in members:
         model = build_model(record.config.model)
         model.load_state_dict(tracker.load_checkpoint(member.run_id))
+        test = pixels.encoded(member.spikes_per_pixel).test
         result = simulate_with_progress(model, test, config.snn, f"trial {member.number}", progress)
         run = tracker.run(member.run_id)
         run.log_metrics(result.metrics())

@@ -22,6 +22,8 @@ from typing import Any
 # KeyError that kills the run): an offline or private cluster wants telemetry off anyway.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The pipeline prints its own links; MLflow's "View run ... at" line per run through a server is noise.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import torch  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import _write_idx, load_dataset
+from pipeline.data import _write_idx, load_pixels
 from pipeline.sweep.storage import prepare_study
 from pipeline.sweep.workers import run_sweep
 from pipeline.tracking import Tracker
@@ -71,10 +71,9 @@ def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
     overrides = smoke_overrides(idx_root) | {"study.n_trials": 6, "train.max_batches": 0}
     config = load_config(EXPERIMENTS / "smoke.toml", overrides)
-    prepared = prepare_study(config, storage, Tracker(tracking), lambda: load_dataset(config.data),
+    prepared = prepare_study(config, storage, Tracker(tracking), lambda: load_pixels(config.data),
                              progress=False)
-    low = prepared.record.bounds.target_synops[0]
-    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": low, "penalty": "mse"})
+    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_position": 0.0, "penalty": "mse"})
     run_sweep(config, storage, tracking, progress=False, echo=lambda line: None)
     optuna.load_study(study_name="smoke", storage=storage).ask()
     sets = [f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from pipeline.cli import main
+from pipeline.front import study_bases
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome")
                  if (path := shutil.which(name))), None)
@@ -84,12 +85,13 @@ def report(study_stores: tuple[str, str, list[str]], tmp_path_factory: pytest.Te
 def test_the_pareto_page_draws_a_marker_per_finished_trial(
     report: Path, study_stores: tuple[str, str, list[str]]
 ) -> None:
-    finished = optuna.load_study(study_name="smoke", storage=study_stores[0]).get_trials(
-        states=(TrialState.COMPLETE,))
+    study = optuna.load_study(study_name="smoke", storage=study_stores[0])
+    finished = study.get_trials(states=(TrialState.COMPLETE,))
+    encodings = {t.user_attrs["spikes_per_pixel"] for t in finished} | set(study_bases(study))
     page = parts(report / "pareto.html")
     assert page.svgs >= 1
-    dominated, front = page.traces[:2]  # traces in the order drawn: dominated trials, then front
-    assert dominated + front == len(finished)
+    # the trials' traces come first: dominated ones, each encoding's front, the tutorial recipe
+    assert sum(page.traces[: len(encodings) + 2]) == len(finished)
 
 
 @pytest.mark.parametrize("name", ["index.html", "pareto.html"])

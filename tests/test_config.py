@@ -54,6 +54,11 @@ BAD_VALUES = [
     ("model.num_classes", 100),
     ("device", "cudafoo"),
     ("name", "../elsewhere"),
+    ("data.spikes_per_pixel", 0),
+    ("data.spikes_per_pixel", 256),
+    ("study.space.spikes_per_pixel", [15, 15]),
+    ("study.space.spikes_per_pixel", [7, 300]),
+    ("study.wait_timeout", 0),
 ]
 
 

@@ -12,17 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, ModelConfig
 from pipeline.data import (
     RAW_FILES,
     DataError,
+    Split,
     _NumpyOnlyUnpickler,
     batches,
+    encode_pixels,
     fashion_from_debian_package,
     load_dataset,
+    load_pixels,
     verify_raw_files,
     wheel_download_command,
 )
+from pipeline.evaluate import evaluate
+from pipeline.model import build_model
 from tests.conftest import make_idx_dataset
 
 
@@ -54,6 +59,45 @@ def test_batches_cover_the_split_once_as_float_spike_counts(idx_root: Path) -> N
     images = torch.cat([x for x, _ in seen])
     assert images.dtype == torch.float32 and images.max() == 255
     assert sorted(torch.cat([y for _, y in seen]).tolist()) == sorted(split.labels.tolist())
+
+
+@pytest.mark.parametrize("k", [255, 63, 31, 15, 7, 3, 1, 10, 100])
+def test_the_encoding_maps_0_to_255_onto_0_to_k_exactly(k: int) -> None:
+    values = torch.arange(256, dtype=torch.uint8)
+    counts = encode_pixels(values, k)
+    assert counts.dtype == torch.uint8 and counts[0] == 0 and counts[-1] == k
+    assert torch.equal(torch.unique(counts), torch.arange(k + 1, dtype=torch.uint8))  # every count
+    assert bool((counts[1:] >= counts[:-1]).all())  # order kept
+    widths = torch.bincount(counts.long())
+    assert int(widths.max()) - int(widths.min()) <= 1  # equal-width bins
+    if (k + 1) & k == 0:  # k + 1 a power of two: the integer division the issue measured with
+        assert torch.equal(counts, values // (256 // (k + 1)))
+
+
+def test_the_encoding_is_applied_once_when_the_data_is_loaded(idx_root: Path) -> None:
+    pixels = load_dataset(config_for(idx_root))
+    encoded = load_dataset(config_for(idx_root, spikes_per_pixel=7))
+    assert encoded.spikes_per_pixel == 7 and pixels.spikes_per_pixel == 255
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(encoded, name).images, encode_pixels(getattr(pixels, name).images, 7))
+    assert int(encoded.train.images.max()) == 7
+    assert load_pixels(config_for(idx_root, spikes_per_pixel=7)).spikes_per_pixel == 255
+    assert torch.equal(pixels.encoded(7).val.images, encoded.val.images)
+    with pytest.raises(ValueError, match="already encoded"):
+        encoded.encoded(3)  # 0..7 read again as pixel values would be encoded twice
+    images, _ = next(batches(encoded.test, 500))
+    assert images.max() == 7  # batches serve the counts as they are
+
+
+def test_the_encoding_scales_the_input_layers_synops_by_the_spikes_it_keeps() -> None:
+    model = build_model(ModelConfig())
+    labels = torch.zeros(2, dtype=torch.long)
+    white = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
+    white[1, :, :, 14:] = 0  # half an image: the factor holds whatever lights up
+    tutorial = evaluate(model, Split(white, labels)).input_layer_synops
+    for k in (63, 15, 7):
+        coarse = evaluate(model, Split(encode_pixels(white, k), labels)).input_layer_synops
+        assert coarse / tutorial == pytest.approx(k / 255, rel=1e-6)
 
 
 def test_a_corrupt_file_is_named_with_the_fix(tmp_path: Path) -> None:

@@ -85,8 +85,13 @@ def record(num_classes: int, base_synops: float) -> StudyRecord:
     evaluation = Evaluation(accuracy=0.8, samples=10, synops_mean=base_synops,
                             synops_per_layer={"0": 1.0})
     config = ExperimentConfig(name="x", model=ModelConfig(num_classes=num_classes))
-    bounds = SearchBounds((1.0, 2.0), (1.0, 2.0), ("hinge",), None, None)
-    return StudyRecord("x", config, bounds, BaseRecord("run", evaluation, evaluation), "parent")
+    coarse = Evaluation(accuracy=0.8, samples=10, synops_mean=base_synops / 20,
+                        synops_per_layer={"0": 1.0})
+    bounds = SearchBounds((1.0, 2.0), (0.0, 0.0), ("hinge",), None, None, (255, 7))
+    # The largest encoding's base model sets the reference, whichever bases exist besides.
+    bases = {7: BaseRecord(7, "run7", coarse, coarse, (1.0, 2.0)),
+             255: BaseRecord(255, "run", evaluation, evaluation, (1.0, 2.0))}
+    return StudyRecord("x", config, bounds, bases, "parent")
 
 
 def test_the_hypervolume_reference_is_chance_level_so_a_harder_dataset_still_has_a_volume() -> None:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.front import choose_knee, front_table, trials_frame
+from pipeline.front import choose
 from pipeline.model import build_model
 from tests.conftest import EXPERIMENTS
 
@@ -39,10 +39,12 @@ def test_report_files_hold_the_front(study_stores: tuple[str, str, list[str]], t
     for _, row in front.iterrows():
         assert f"trial {row['trial']} " in page and row["mlflow_run_id"] in page
     summary = (out / "report.md").read_text()
-    front_members = front_table(trials_frame(study))
-    knee = front_members.loc[choose_knee(front_members).row]
+    knee = choose(study).knee_member  # chosen on the seed means: smoke.toml confirms its front
     assert knee["on_front"]
     assert f"Knee: trial {int(knee['trial'])}" in summary
+    assert f"input encoding **{int(knee['spikes_per_pixel'])} spikes per pixel**" in summary
+    assert set(front["spikes_per_pixel"]) <= {255, 15} and "on_encoding_front" in front
+    assert "## Input encodings" in summary and "| 15 " in summary and "| 255 " in summary
     assert "tutorial recipe" in summary and "unpenalised base model" in summary
     assert "1 failed, 1 running" in summary
     assert "Rule (on the validation seed means): " in summary  # smoke.toml confirms its front

@@ -15,7 +15,17 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.cli import main
-from pipeline.config import ModelConfig, SNNConfig, TrainConfig, load_config
+from pipeline.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    SearchSpace,
+    SNNConfig,
+    StudyConfig,
+    TrainConfig,
+    load_config,
+)
 from pipeline.data import Split, load_dataset
 from pipeline.layers import NeuromorphicReLU, SumPool2d
 from pipeline.model import build_model
@@ -153,6 +163,14 @@ def test_the_study_check_logs_to_each_members_run_and_the_report_shows_it(
     assert missing.exit_code == 1 and "not a finished trial" in missing.output
 
 
-def test_single_spike_input_needs_a_step_per_spike() -> None:
-    with pytest.raises(ValueError, match="snn.steps"):
-        SNNConfig(spike_fn="single", steps=32)
+def test_single_spike_and_rate_input_need_a_step_for_each_spike_of_the_encoding() -> None:
+    single = SNNConfig(spike_fn="single", steps=32)
+    with pytest.raises(ConfigError, match="snn.steps"):
+        ExperimentConfig(name="x", snn=single)  # 255 spikes per pixel, 32 steps
+    ExperimentConfig(name="x", data=DataConfig(spikes_per_pixel=31), snn=single)
+    searched = StudyConfig(space=SearchSpace(spikes_per_pixel=[15, 63]))
+    with pytest.raises(ConfigError, match="snn.steps"):
+        ExperimentConfig(name="x", data=DataConfig(spikes_per_pixel=15), study=searched, snn=single)
+    with pytest.raises(ValueError, match="raise snn.steps"):
+        encode(torch.full((1, 1, 2, 2), 40.0), SNNConfig(encoding="rate", steps=32),
+               torch.Generator().manual_seed(0))

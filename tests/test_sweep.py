@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from optuna.trial import TrialState
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.data import load_dataset
+from pipeline.data import load_pixels
+from pipeline.front import study_bases
 from pipeline.sweep import workers
 from pipeline.sweep.storage import prepare_study
 from pipeline.sweep.workers import run_sweep
@@ -59,7 +61,7 @@ def sweep_args(idx_root: Path, stores: Stores, *extra: str) -> list[str]:
 
 def prepare(config, stores: Stores):
     return prepare_study(config, stores.storage, Tracker(stores.tracking),
-                         lambda: load_dataset(config.data), progress=False)
+                         lambda: load_pixels(config.data), progress=False)
 
 
 def smoke(idx_root: Path, **overrides: object):
@@ -108,8 +110,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(
 ) -> None:
     config = smoke(idx_root)
     prepared = prepare(config, stores)
-    low = prepared.record.bounds.target_synops[0]
-    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_synops": low, "penalty": "mse"})
+    prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_position": 0.0, "penalty": "mse"})
     study = sweep(config, stores)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == N_TRIALS
     (failed,) = study.get_trials(states=(TrialState.FAIL,))
@@ -289,10 +290,14 @@ def test_runs_compare_in_the_mlflow_ui_and_the_parent_carries_the_study_summary(
     trials = [r for r in runs if r.data.tags["synops.role"] == "trial"]
     assert len(trials) == N_TRIALS - 1
     for run in trials:
-        assert {"search.penalty_strength", "search.target_synops", "search.penalty"} <= set(run.data.params)
+        searched = {"search.penalty_strength", "search.target_position", "search.penalty",
+                    "search.spikes_per_pixel"}
+        assert searched <= set(run.data.params)
         assert not any(k.startswith("study.") for k in run.data.params)
-    low, high = parent.data.params["study.space.target_synops"].strip("()[]").split(",")
-    assert 0 < float(low) < float(high)
+        assert float(run.data.params["train.target_synops"]) > 0
+    for encoding in (255, 15):  # each base model's resolved target range, on the study's run
+        low, high = parent.data.params[f"study.base.{encoding}.target_synops"].strip("()[]").split(",")
+        assert 0 < float(low) < float(high)
     assert parent.data.metrics["finished_trials"] == N_TRIALS
     assert parent.data.metrics["failed_trials"] == 0
     assert parent.data.metrics["front_size"] >= 1
@@ -333,7 +338,7 @@ def test_a_study_whose_base_checkpoint_is_lost_stops_with_the_run_to_restore(
 ) -> None:
     config = smoke(idx_root, **{"study.n_trials": 1})
     sweep(config, stores)
-    base_run = stores.study().user_attrs["base_model"]["run_id"]
+    base_run = stores.study().user_attrs["base_model.255"]["run_id"]
     (checkpoint,) = (tmp_path / "artifacts").rglob(f"{base_run}/artifacts/model/state_dict.pt")
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # truncated
     result = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=2"))
@@ -348,9 +353,9 @@ def test_a_single_worker_sweep_loads_the_data_once(
 
     def counted(config: object):
         loads.append(config)
-        return load_dataset(config)
+        return load_pixels(config)
 
-    monkeypatch.setattr(workers, "load_dataset", counted)
+    monkeypatch.setattr(workers, "load_pixels", counted)
     sweep(smoke(idx_root, **{"study.n_trials": 2}), stores)
     assert len(loads) == 1
 
@@ -365,4 +370,75 @@ def test_without_a_terminal_a_sweep_logs_plain_timestamped_lines(idx_root: Path,
     trial_lines = [line for line in done.stdout.splitlines() if re.match(stamp + "trial ", line)]
     assert len(trial_lines) == N_TRIALS
     assert re.search(f"^{stamp}confirm trial ", done.stdout, re.MULTILINE)
-    assert re.search(r"^\S+ \S+ base model epoch 1/1: ", done.stdout, re.MULTILINE)
+    for encoding in (255, 15):  # the second base model is trained by the first trial needing it
+        assert re.search(rf"^\S+ \S+ base model \({encoding} spikes/pixel\) epoch 1/1: ", done.stdout,
+                         re.MULTILINE)
+    assert ":lease:" not in output
+
+
+def test_each_encoding_trains_one_base_model_shared_by_its_trials_and_by_a_resume(
+    idx_root: Path, stores: Stores
+) -> None:
+    config = smoke(idx_root, **{"study.n_trials": 4, "study.confirm_seeds": 0})
+    prepared = prepare(config, stores)
+    for encoding in (15, 15, 255):
+        prepared.study.enqueue_trial({"spikes_per_pixel": encoding})
+    sweep(config, stores)
+
+    def bases() -> dict[str, str]:
+        return {r.info.run_id: r.data.params["data.spikes_per_pixel"] for r in stores.runs()
+                if r.data.tags["synops.role"] == "base"}
+
+    trained = bases()
+    assert sorted(trained.values()) == ["15", "255"]  # the second trial of 15 trained none
+    study = stores.study()
+    recorded = study_bases(study)
+    assert {k: b.run_id for k, b in recorded.items()} == {int(v): run for run, v in trained.items()}
+    assert recorded[15].test.input_layer_synops < recorded[255].test.input_layer_synops / 10
+    for run in stores.runs():
+        if run.data.tags["synops.role"] == "trial":
+            encoding = int(run.data.params["data.spikes_per_pixel"])
+            assert run.data.tags["synops.base_run_id"] == recorded[encoding].run_id
+            low, high = recorded[encoding].target_synops
+            assert low <= float(run.data.params["train.target_synops"]) <= high
+    assert sum(t.user_attrs.get("spikes_per_pixel") == 15 for t in study.trials) == 2
+
+    prepared = prepare(smoke(idx_root, **{"study.n_trials": 6, "study.confirm_seeds": 0}), stores)
+    prepared.study.enqueue_trial({"spikes_per_pixel": 15})
+    sweep(smoke(idx_root, **{"study.n_trials": 6, "study.confirm_seeds": 0}), stores)
+    assert bases() == trained  # resuming with the same config trains no base model again
+    assert len(stores.study().get_trials(states=(TrialState.COMPLETE,))) == 6
+
+
+def test_a_trial_failed_by_another_worker_meanwhile_does_not_stop_this_worker(
+    idx_root: Path, stores: Stores
+) -> None:
+    """Another worker that took this one's trial for dead (a late heartbeat) fails it while it
+    still trains: Optuna then refuses the finished trial's result, and the sweep goes on."""
+    config = smoke(idx_root, **{"train.epochs": 25, "study.confirm_seeds": 0})
+    prepare(config, stores)
+    failed: list[int] = []
+
+    def fail_one_running_trial() -> None:
+        storage = optuna.storages.RDBStorage(stores.storage)
+        deadline = time.monotonic() + 120
+        while not failed and time.monotonic() < deadline:
+            study = optuna.load_study(study_name="smoke", storage=storage)
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if "mlflow_run_id" in trial.user_attrs and trial.params:
+                    storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                    failed.append(trial.number)
+                    break
+            time.sleep(0.05)
+
+    lines: list[str] = []
+    other = threading.Thread(target=fail_one_running_trial)
+    other.start()
+    run_sweep(config, stores.storage, stores.tracking, progress=False, echo=lines.append)
+    other.join()
+    (number,) = failed
+    study = stores.study()
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == N_TRIALS
+    assert any(f"trial {number}: another worker took this trial for dead" in line for line in lines)
+    run = MlflowClient(stores.tracking).get_run(study.trials[number].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "another worker" in run.data.tags["synops.failure_reason"]

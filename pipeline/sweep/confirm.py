@@ -4,20 +4,20 @@ made on seed means rather than on one lucky or unlucky run.
 
 Each confirmation is a child run of the study's parent run, tagged with the trial it confirms. A
 claim (its run id) is stored in the study when it starts and the result when it finishes, so a
-re-run does only what is missing, and one that died or was stopped is redone.
+re-run does only what is missing, and one that died or was stopped is redone. Workers on several
+machines that finish together take turns under a lease: the first confirms, the others then find
+nothing left to do.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial
 
 from pipeline.config import ExperimentConfig, replace_train
-from pipeline.data import Dataset
 from pipeline.front import (
     ATTR_REFERENCE,
     CONFIRM_CLAIM_PREFIX,
@@ -27,6 +27,8 @@ from pipeline.front import (
     confirmations,
 )
 from pipeline.run import RunResult, run_tracked
+from pipeline.sweep.lease import lease, lease_name
+from pipeline.sweep.objective import EncodedBases
 from pipeline.sweep.space import reference_config, suggest_config
 from pipeline.sweep.storage import PreparedStudy
 from pipeline.tracking import TAG_ROLE, Tracker
@@ -51,12 +53,13 @@ def close_dead_confirmations(study: optuna.Study, tracker: Tracker) -> None:
 
 
 def member_config(trial: FrozenTrial, prepared: PreparedStudy, config: ExperimentConfig,
-                  seed: int) -> tuple[ExperimentConfig, bool]:
-    """The member's own fine-tuning config with another seed, and whether it starts from the base
-    model (the tutorial's reference trial trains from scratch)."""
+                  bases: EncodedBases, seed: int) -> tuple[ExperimentConfig, bool]:
+    """The member's own config (encoding and fine-tuning) with another seed, and whether it
+    starts from its encoding's base model (the tutorial's reference trial trains from scratch)."""
     if trial.user_attrs.get(ATTR_REFERENCE):
         return replace_train(reference_config(config), seed=seed), False
-    tried = suggest_config(optuna.trial.FixedTrial(trial.params), prepared.record.bounds, config)
+    tried = suggest_config(optuna.trial.FixedTrial(trial.params), prepared.record.bounds, config,
+                           bases.target_range)
     return replace_train(tried, seed=seed), True
 
 
@@ -66,25 +69,33 @@ def confirmation_line(trial: int, seed: int, result: RunResult) -> str:
             f"{result.test.synops_mean:.3g} | {result.seconds:.0f} s")
 
 
-def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, tracker: Tracker,
-                  dataset: Dataset, base_state: Mapping[str, torch.Tensor], progress: bool,
-                  should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
+def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, bases: EncodedBases,
+                  progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
     """Run the missing confirmations of the current front; returns how many ran. A confirmation
     that fails is reported and left for the next run; a stop request raises KeyboardInterrupt."""
-    study, record = prepared.study, prepared.record
+    study = config.study
+    with lease(prepared.storage, lease_name(config.name, "confirm"), study.heartbeat_interval,
+               study.grace_period, study.wait_timeout, echo, should_stop):
+        return _confirm(config, prepared, bases, progress, should_stop, echo)
+
+
+def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: EncodedBases,
+             progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
+    study, record, tracker = prepared.study, prepared.record, bases.training.tracker
     close_dead_confirmations(study, tracker)
     ran = 0
     for trial, seed in pending(study, config):
         if should_stop():
             raise KeyboardInterrupt("stop requested between confirmations")
-        member, from_base = member_config(trial, prepared, config, seed)
+        member, from_base = member_config(trial, prepared, config, bases, seed)
+        encoding = member.data.spikes_per_pixel
         started = time.perf_counter()
         try:
             result = run_tracked(
-                member, dataset, tracker, prepared.experiment_id,
+                member, bases.data(encoding), tracker, prepared.experiment_id,
                 {TAG_ROLE: "confirmation", "synops.confirms_trial": str(trial.number),
                  "synops.seed": str(seed), "synops.study": config.name},
-                init_state=base_state if from_base else None,
+                init_state=bases.state(encoding) if from_base else None,
                 run_name=f"confirm-{trial.number}-seed-{seed}",
                 parent_run_id=record.parent_run_id,
                 extra_params={f"search.{k}": v for k, v in trial.params.items()},

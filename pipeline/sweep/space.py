@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import optuna
 
-from pipeline.config import TUTORIAL_RECIPE, ConfigError, ExperimentConfig, replace_train
+from pipeline.config import MAX_PIXEL_COUNT, TUTORIAL_RECIPE, ConfigError, ExperimentConfig, replace_train
 from pipeline.front import SearchBounds
 from pipeline.train import penalty_weight_for_strength
 
@@ -18,8 +19,11 @@ FLOOR_MARGIN = 1.05  # the lowest target searched sits this far above the input-
 PARAM_MEANINGS = {
     "penalty_strength": "weight on the squared relative SynOps excess ((S - T) / T)^2, log scale "
                         "(for mse converted to the tutorial's scale)",
-    "target_synops": "T: SynOps per sample the penalty aims below, log scale, from just above the "
-                     "input-layer floor to the unpenalised base model's SynOps",
+    "spikes_per_pixel": "input encoding: the most spikes a pixel becomes (pixel value 0..255 "
+                        "-> 0..k); each value has its own base model and input-layer floor",
+    "target_position": "where T, the SynOps per sample the penalty aims below, sits between just "
+                       "above the encoding's input-layer floor (0) and its base model's SynOps "
+                       "(1), log scale",
     "penalty": "shape of the penalty: hinge (one-sided) or mse (the tutorial's, symmetric)",
     "epochs": "fine-tuning epochs from the shared base model",
     "lr": "fine-tuning learning rate (Adam, cosine schedule)",
@@ -43,21 +47,29 @@ def resolve_target_bounds(config: ExperimentConfig, floor: float, base_synops: f
     return low, high
 
 
-def resolve_bounds(config: ExperimentConfig, floor: float, base_synops: float) -> SearchBounds:
+def search_bounds(config: ExperimentConfig) -> SearchBounds:
     space = config.study.space
     return SearchBounds(
         penalty_strength=(space.penalty_strength[0], space.penalty_strength[1]),
-        target_synops=resolve_target_bounds(config, floor, base_synops),
+        target_synops=(space.target_synops[0], space.target_synops[1]),
         penalties=tuple(space.penalties),
         epochs=(space.epochs[0], space.epochs[1]) if space.epochs else None,
         lr=(space.lr[0], space.lr[1]) if space.lr else None,
+        spikes_per_pixel=tuple(config.encodings()),
     )
 
 
-def sampler_seed(study_seed: int, worker: int, trials_so_far: int) -> int:
-    """A seed of its own for every worker and every start: workers with one seed propose the same
-    parameters, and a resumed study reseeded as at its start repeats its first trials."""
-    return int(np.random.SeedSequence([study_seed, worker, trials_so_far]).generate_state(1)[0])
+def with_encoding(config: ExperimentConfig, spikes_per_pixel: int) -> ExperimentConfig:
+    """`config` with another input encoding (what its data, base model and runs are keyed by)."""
+    return dataclasses.replace(
+        config, data=dataclasses.replace(config.data, spikes_per_pixel=spikes_per_pixel))
+
+
+def sampler_seed(study_seed: int, worker_number: int) -> int:
+    """A seed of its own for every worker start (`claim_worker_number`): workers with one seed
+    propose the same parameters, and a resumed study reseeded as at its start repeats its first
+    trials. The study's first worker always gets the same seed, so a one-worker study repeats."""
+    return int(np.random.SeedSequence([study_seed, worker_number]).generate_state(1)[0])
 
 
 def make_sampler(config: ExperimentConfig, bounds: SearchBounds, seed: int
@@ -76,8 +88,10 @@ def make_sampler(config: ExperimentConfig, bounds: SearchBounds, seed: int
 
         grid: dict[str, list[Any]] = {
             "penalty_strength": log_grid(*bounds.penalty_strength),
-            "target_synops": log_grid(*bounds.target_synops),
+            "target_position": [i / (study.grid_points - 1) for i in range(study.grid_points)],
         }
+        if len(bounds.spikes_per_pixel) > 1:
+            grid["spikes_per_pixel"] = list(bounds.spikes_per_pixel)
         if len(bounds.penalties) > 1:
             grid["penalty"] = list(bounds.penalties)
         if bounds.epochs:
@@ -88,12 +102,19 @@ def make_sampler(config: ExperimentConfig, bounds: SearchBounds, seed: int
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
-def suggest_config(trial: optuna.Trial, bounds: SearchBounds, config: ExperimentConfig
-                   ) -> ExperimentConfig:
-    """The fine-tuning config this trial tries. The searched `penalty_strength` weighs the squared
-    relative excess ((S - T) / T)^2 whichever the penalty's shape."""
+def suggest_config(trial: optuna.Trial, bounds: SearchBounds, config: ExperimentConfig,
+                   target_range: Callable[[int], tuple[float, float]]) -> ExperimentConfig:
+    """The config this trial tries: its input encoding and fine-tuning. The target is searched as
+    a position between the ends of its encoding's `target_range` (a fixed [0, 1] for the sampler,
+    whatever the encoding); the searched `penalty_strength` weighs the squared relative excess
+    ((S - T) / T)^2 whichever the penalty's shape."""
+    encodings = bounds.spikes_per_pixel
+    spikes_per_pixel = (trial.suggest_categorical("spikes_per_pixel", list(encodings))
+                        if len(encodings) > 1 else encodings[0])
     strength = trial.suggest_float("penalty_strength", *bounds.penalty_strength, log=True)
-    target = trial.suggest_float("target_synops", *bounds.target_synops, log=True)
+    position = trial.suggest_float("target_position", 0.0, 1.0)
+    low, high = target_range(spikes_per_pixel)
+    target = low * (high / low) ** position
     penalty = (trial.suggest_categorical("penalty", list(bounds.penalties))
                if len(bounds.penalties) > 1 else bounds.penalties[0])
     changes: dict[str, Any] = {
@@ -104,11 +125,13 @@ def suggest_config(trial: optuna.Trial, bounds: SearchBounds, config: Experiment
         changes["epochs"] = trial.suggest_int("epochs", *bounds.epochs)
     if bounds.lr:
         changes["lr"] = trial.suggest_float("lr", *bounds.lr, log=True)
-    return replace_train(config, **changes)
+    return replace_train(with_encoding(config, spikes_per_pixel), **changes)
 
 
 def reference_config(config: ExperimentConfig) -> ExperimentConfig:
-    """The tutorial's recipe on this study's data and model: from scratch, no base model."""
+    """The tutorial's recipe on this study's data and model, with the tutorial's encoding (a
+    pixel value is that many spikes): from scratch, no base model."""
     recipe = {f.name: getattr(TUTORIAL_RECIPE, f.name) for f in dataclasses.fields(TUTORIAL_RECIPE)
               if f.name not in ("seed", "max_batches", "init_from")}
-    return dataclasses.replace(replace_train(config, **recipe), pretrain=None)
+    tutorial = with_encoding(config, MAX_PIXEL_COUNT)
+    return dataclasses.replace(replace_train(tutorial, **recipe), pretrain=None)

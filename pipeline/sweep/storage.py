@@ -1,12 +1,15 @@
-"""The study's storage and its one-time preparation (base model, bounds, parent run, reference trial).
+"""The study's storage and its one-time preparation (search space, largest encoding's base model,
+parent run, reference trial).
 
 Optuna's RDB storage is the distributed engine: workers on this or other machines share one
-storage, and heartbeats turn a trial whose process died into FAIL and retry it.
+storage, heartbeats turn a trial whose process died into FAIL and retry it, and a lease kept in it
+makes the preparation happen once however many workers start together.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from pipeline.config import ConfigError, ExperimentConfig, SNNConfig, differing_keys, flatten
 from pipeline.data import Dataset
 from pipeline.evaluate import evaluate
 from pipeline.front import (
-    ATTR_BASE,
     ATTR_BOUNDS,
     ATTR_CONFIG,
     ATTR_PARENT_RUN,
@@ -30,13 +33,13 @@ from pipeline.front import (
     DIRECTIONS,
     OBJECTIVE_NAMES,
     SCHEMA_VERSION,
-    BaseRecord,
     SearchBounds,
     StudyRecord,
 )
 from pipeline.model import build_model
-from pipeline.run import ensure_base_model
-from pipeline.sweep.space import PARAM_MEANINGS, resolve_bounds, resolve_target_bounds
+from pipeline.sweep.bases import BaseTraining, ensure_encoding_base, log_base_to_parent
+from pipeline.sweep.lease import lease, lease_name
+from pipeline.sweep.space import PARAM_MEANINGS, resolve_target_bounds, search_bounds, with_encoding
 from pipeline.tracking import TAG_ROLE, Tracker
 from pipeline.train import EpochStats
 
@@ -50,7 +53,8 @@ DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # defines what the trials mean.
 RESUMABLE_KEYS = frozenset({
     "study.n_trials", "study.max_consecutive_failures", "study.heartbeat_interval",
-    "study.grace_period", "study.seed", "study.confirm_seeds", "data.root", "data.verify_checksums",
+    "study.grace_period", "study.wait_timeout", "study.seed", "study.confirm_seeds", "data.root",
+    "data.verify_checksums",
     "device",
     "report.budgets", *(f"snn.{f.name}" for f in dataclasses.fields(SNNConfig)),
 })
@@ -65,19 +69,42 @@ def resolve_storage(explicit: str | None = None) -> str:
     return explicit or DEFAULT_STORAGE
 
 
+def engine_options(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options per database: SQLite workers wait for its write lock; a server
+    database gets a small pool per worker (so many workers do not exhaust its connections) whose
+    connections are checked before use (a server restart or idle timeout drops them)."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_size": 2, "max_overflow": 2, "pool_pre_ping": True, "pool_recycle": 1800}
+
+
+STORAGE_ATTEMPTS = 5
+
+
 def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage with heartbeats: a trial whose worker died is failed and retried."""
-    engine_kwargs: dict[str, Any] = {}
+    """Optuna's RDB storage with heartbeats: a trial whose worker died is failed and retried.
+
+    Workers started together on a new PostgreSQL database all create Optuna's tables at once,
+    and all but one can fail on the database's catalogue (a unique violation); creating tables
+    that exist is a no-op, so that, and a server not yet accepting connections, is retried."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # workers wait for SQLite's write lock
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=config.study.heartbeat_interval,
-        grace_period=config.study.grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-    )
+    attempt = 1
+    while True:
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_options(url),
+                heartbeat_interval=config.study.heartbeat_interval,
+                grace_period=config.study.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=2),
+            )
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+            if attempt == STORAGE_ATTEMPTS:
+                raise
+            time.sleep(attempt)
+            attempt += 1
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:
@@ -91,9 +118,11 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
 
 @dataclass(frozen=True)
 class PreparedStudy:
-    """What every worker shares: the study, its record and its MLflow experiment."""
+    """What every worker shares: the study, its storage (for leases), its record and its MLflow
+    experiment."""
 
     study: optuna.Study
+    storage: optuna.storages.BaseStorage
     record: StudyRecord
     experiment_id: str
 
@@ -131,22 +160,23 @@ def ensure_reference_trial(study: optuna.Study, config: ExperimentConfig) -> Non
 
 def _searched(bounds: SearchBounds) -> list[str]:
     optional = [k for k in ("epochs", "lr") if getattr(bounds, k)]
-    return ["penalty_strength", "target_synops", *(["penalty"] if len(bounds.penalties) > 1 else []),
-            *optional]
+    return [*(["spikes_per_pixel"] if len(bounds.spikes_per_pixel) > 1 else []), "penalty_strength",
+            "target_position", *(["penalty"] if len(bounds.penalties) > 1 else []), *optional]
 
 
-def _create_record(study: optuna.Study, config: ExperimentConfig, storage_url: str,
-                   tracker: Tracker, experiment_id: str, dataset: Callable[[], Dataset], progress: bool,
-                   should_stop: Callable[[], bool],
-                   on_epoch: Callable[[EpochStats], None] | None) -> StudyRecord:
-    """Check the search space, train (or reuse) the base model, open the parent run, and store
-    the study's record. The record version is written last: a preparation that dies half-way is
-    redone."""
-    data = dataset()
-    floor = evaluate(build_model(config.model).to(config.device), data.val).input_layer_synops
-    resolve_target_bounds(config, floor)  # an empty range is refused before any training
-    base = ensure_base_model(config, data, tracker, experiment_id, progress, should_stop, on_epoch)
-    bounds = resolve_bounds(config, base.val.input_layer_synops, base.val.synops_mean)
+def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                   config: ExperimentConfig, storage_url: str, pixels: Dataset,
+                   training: BaseTraining) -> StudyRecord:
+    """Check the search space on every encoding, train (or reuse) the largest encoding's base
+    model, open the parent run, and store the study's record. The record version is written
+    last: a preparation that dies half-way is redone."""
+    model = build_model(config.model).to(config.device)
+    floors = {k: evaluate(model, pixels.encoded(k).val).input_layer_synops for k in config.encodings()}
+    for k, floor in floors.items():  # an empty range is refused before any training
+        resolve_target_bounds(with_encoding(config, k), floor)
+    bounds = search_bounds(config)
+    base = ensure_encoding_base(study, storage, config, max(bounds.spikes_per_pixel), pixels, training)
+    tracker, experiment_id = training.tracker, training.experiment_id
     parent = tracker.start_run(experiment_id, f"study-{config.name}", {
         TAG_ROLE: "study", "synops.study": config.name, "synops.storage": storage_url,
         "synops.sampler": config.study.sampler,
@@ -155,46 +185,53 @@ def _create_record(study: optuna.Study, config: ExperimentConfig, storage_url: s
     space = {f"study.space.{k}": v for k, v in bounds.to_record().items()}
     study_params = {k: v for k, v in flatten(config.to_dict()).items() if k.startswith("study.")
                     and not k.startswith("study.space.")}
-    parent.log_params(study_params | space | {"study.input_layer_synops": floor})
-    record = StudyRecord(config.name, config, bounds,
-                         BaseRecord(base.run_id, base.val, base.test), parent.run_id)
+    parent.log_params(study_params | space
+                      | {f"study.input_layer_synops.{k}": floor for k, floor in floors.items()})
+    log_base_to_parent(tracker, parent.run_id, base)
+    record = StudyRecord(config.name, config, bounds, {base.spikes_per_pixel: base}, parent.run_id)
     study.set_metric_names(list(OBJECTIVE_NAMES))  # optuna-dashboard labels its plots with them
     study.set_user_attr("objectives", "val_accuracy: accuracy on the validation split (maximised); "
                         "val_synops_mean: mean SynOps per validation sample (minimised)")
     study.set_user_attr("searched_parameters", {k: PARAM_MEANINGS[k] for k in _searched(bounds)})
     study.set_user_attr(ATTR_CONFIG, config.to_dict())
     study.set_user_attr(ATTR_BOUNDS, bounds.to_record())
-    study.set_user_attr(ATTR_BASE, record.base.to_record())
     study.set_user_attr(ATTR_PARENT_RUN, parent.run_id)
     study.set_user_attr(ATTR_SCHEMA, SCHEMA_VERSION)
     return record
 
 
 def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker,
-                  dataset: Callable[[], Dataset], progress: bool = True,
+                  pixels: Callable[[], Dataset], progress: bool = True,
                   should_stop: Callable[[], bool] = lambda: False,
-                  on_epoch: Callable[[EpochStats], None] | None = None) -> PreparedStudy:
-    """Create or resume the study before any worker starts. `dataset` is called only when the
-    data is needed (a new study); `on_epoch` receives the base model's epochs if it is trained."""
+                  on_epoch: Callable[[int, EpochStats], None] | None = None,
+                  on_wait: Callable[[str], None] | None = None) -> PreparedStudy:
+    """Create or resume the study before this worker runs trials. However many workers (here or
+    on other machines) start together, one prepares it under a lease while the others wait
+    (`on_wait` gets a line), then check and resume it. `pixels` (the raw dataset) is called only
+    when the data is needed (a new study); `on_epoch` receives the base model's encoding and
+    epochs if it is trained."""
     if config.pretrain is None:
         raise ConfigError("pretrain", "a sweep fine-tunes a base model: add a [pretrain] table")
     if config.train.init_from:
         raise ConfigError("train.init_from", "a sweep fine-tunes the study's own base model and "
                           "would ignore this checkpoint: remove it (use `synops train` for it)")
     experiment_id = tracker.experiment(config.name)
-    study = optuna.create_study(study_name=config.name, storage=open_storage(storage_url, config),
-                                directions=DIRECTIONS, load_if_exists=True)
-    if ATTR_SCHEMA in study.user_attrs or study.trials:
-        record = StudyRecord.load(study)  # StudyFormatError for another version's study
-        check_resumable(record, config)
-        optuna.storages.fail_stale_trials(study)
-        close_orphaned_runs(study, tracker)
-        tracker.reopen(record.parent_run_id)
-    else:  # new, or a preparation that died before it finished
-        unfinished = study.user_attrs.get(ATTR_PARENT_RUN)
-        if unfinished and tracker.status(unfinished) == "RUNNING":
-            tracker.close(unfinished, "FAILED", "the study's preparation did not finish; redone")
-        record = _create_record(study, config, storage_url, tracker, experiment_id, dataset,
-                                progress, should_stop, on_epoch)
-    ensure_reference_trial(study, config)
-    return PreparedStudy(study, record, experiment_id)
+    storage = open_storage(storage_url, config)
+    study = optuna.create_study(study_name=config.name, storage=storage, directions=DIRECTIONS,
+                                load_if_exists=True)
+    training = BaseTraining(tracker, experiment_id, progress, should_stop, on_epoch, on_wait)
+    with lease(storage, lease_name(config.name, "prepare"), config.study.heartbeat_interval,
+               config.study.grace_period, config.study.wait_timeout, on_wait, should_stop):
+        if ATTR_SCHEMA in study.user_attrs or study.trials:
+            record = StudyRecord.load(study)  # StudyFormatError for another version's study
+            check_resumable(record, config)
+            optuna.storages.fail_stale_trials(study)
+            close_orphaned_runs(study, tracker)
+            tracker.reopen(record.parent_run_id)
+        else:  # new, or a preparation that died before it finished
+            unfinished = study.user_attrs.get(ATTR_PARENT_RUN)
+            if unfinished and tracker.status(unfinished) == "RUNNING":
+                tracker.close(unfinished, "FAILED", "the study's preparation did not finish; redone")
+            record = _create_record(study, storage, config, storage_url, pixels(), training)
+        ensure_reference_trial(study, config)
+    return PreparedStudy(study, storage, record, experiment_id)

@@ -21,32 +21,39 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
-from pipeline.data import Dataset, load_dataset
+from pipeline.data import Dataset, load_pixels
 from pipeline.evaluate import Evaluation
 from pipeline.figures import pareto_png
 from pipeline.front import (
+    ATTR_ENCODING,
     ATTR_FAILURE,
     ATTR_REFERENCE,
+    ATTR_RUN_ID,
     ATTR_SECONDS,
     ATTR_SURPLUS,
+    ATTR_TARGET,
     ATTR_TEST,
     ATTR_VAL,
+    ATTR_WORKER_STARTS,
     StudyRecord,
     front_table,
     hypervolume,
     hypervolume_reference,
     parent_run_tags,
+    study_bases,
     study_counts,
     trials_frame,
 )
 from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signals, stop_requested
 from pipeline.memory import keep_freed_memory
+from pipeline.sweep.bases import BaseTraining
 from pipeline.sweep.confirm import confirm_front
-from pipeline.sweep.objective import TrialRunner
+from pipeline.sweep.lease import LeaseTimeoutError, lease, lease_name
+from pipeline.sweep.objective import BaseModelUnavailableError, EncodedBases, TrialRunner
 from pipeline.sweep.space import make_sampler, sampler_seed
 from pipeline.sweep.storage import PreparedStudy, close_orphaned_runs, open_storage, prepare_study
-from pipeline.tracking import Tracker, TrackingError
-from pipeline.train import epoch_line
+from pipeline.tracking import Tracker
+from pipeline.train import EpochStats, epoch_line
 
 
 class WorkerError(RuntimeError):
@@ -55,10 +62,6 @@ class WorkerError(RuntimeError):
 
 class TooManyFailuresError(RuntimeError):
     """`study.max_consecutive_failures` trials in a row failed: something is wrong beyond one trial."""
-
-
-class BaseModelUnavailableError(RuntimeError):
-    """The study's base model cannot be read back, so no further trial can fine-tune it."""
 
 
 class _WithoutInterruptTracebacks(logging.Filter):
@@ -75,10 +78,12 @@ logging.getLogger("optuna.study._optimize").addFilter(_WithoutInterruptTraceback
 def trial_line(trial: FrozenTrial) -> str:
     """One human line for a finished trial: number, params, val/test accuracy and SynOps, time."""
     if trial.user_attrs.get(ATTR_REFERENCE):
-        params = "tutorial recipe (from scratch, mse 1e-5 -> 4e7, 2 epochs)"
+        params = "tutorial recipe (255 spikes/pixel, from scratch, mse 1e-5 -> 4e7, 2 epochs)"
     else:
+        resolved = {k: trial.user_attrs[k] for k in (ATTR_ENCODING, ATTR_TARGET)
+                    if k in trial.user_attrs}
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in trial.params.items())
+                          for k, v in (trial.params | resolved).items())
     if trial.state != TrialState.COMPLETE:
         reason = trial.user_attrs.get(ATTR_FAILURE, "process died or was interrupted")
         return f"trial {trial.number:3d} {trial.state.name}: {params} | {reason}"
@@ -109,7 +114,7 @@ def publish_front(prepared: PreparedStudy, tracker: Tracker, with_metrics: bool 
         }, step=latest)
     with tempfile.TemporaryDirectory() as tmp:
         front.to_csv(Path(tmp) / "front.csv", index=False)
-        pareto_png(frame, study.study_name, Path(tmp) / "pareto.png", record.base)
+        pareto_png(frame, study.study_name, Path(tmp) / "pareto.png", study_bases(study))
         parent.log_folder(Path(tmp))
     parent.set_tags(parent_run_tags(study, frame, with_report=tracker.has_artifact(
         record.parent_run_id, "report/index.html")))
@@ -125,28 +130,63 @@ def _publish_or_warn(prepared: PreparedStudy, tracker: Tracker, with_metrics: bo
               file=sys.stderr)
 
 
-def load_base_state(tracker: Tracker, record: StudyRecord) -> dict[str, torch.Tensor]:
-    try:
-        return tracker.load_checkpoint(record.base.run_id)
-    except TrackingError as err:
-        raise BaseModelUnavailableError(
-            f"the base model of study '{record.name}' cannot be read ({err}); every trial "
-            "fine-tunes it, so the study cannot go on: restore that run's artifacts, or start a "
-            "new study under another `name`") from err
+def base_epoch_echo(echo: Callable[[str], None], config: ExperimentConfig
+                    ) -> Callable[[int, EpochStats], None]:
+    """Log lines for a base model's epochs, where there are no progress bars."""
+    epochs = config.pretrain.epochs if config.pretrain else 0
+    return lambda spikes_per_pixel, stats: echo(
+        f"base model ({spikes_per_pixel} spikes/pixel) {epoch_line(stats, epochs)}")
+
+
+def _finished_meanwhile(study: optuna.Study, number: int | None) -> bool:
+    return number is not None and study.trials[number].state.is_finished()
+
+
+def _superseded(study: optuna.Study, number: int, tracker: Tracker,
+                echo: Callable[[str], None]) -> None:
+    """Record that trial `number` of this worker was failed by another worker meanwhile."""
+    reason = ("another worker took this trial for dead (its heartbeat came too late) and failed "
+              "it; a retry of it is queued")
+    echo(f"trial {number}: {reason}")
+    run_id = study.trials[number].user_attrs.get(ATTR_RUN_ID)
+    if run_id:
+        tracker.close(run_id, "FAILED", reason)
+
+
+def worker_training(config: ExperimentConfig, prepared: PreparedStudy, tracker: Tracker,
+                    progress: bool, echo: Callable[[str], None]) -> BaseTraining:
+    """How this worker trains a base model it is the first to need."""
+    return BaseTraining(tracker, prepared.experiment_id, progress, stop_requested,
+                        None if progress else base_epoch_echo(echo, config), echo)
+
+
+def claim_worker_number(config: ExperimentConfig, prepared: PreparedStudy) -> int:
+    """A number no other worker of this study has had, on this machine or another: the same
+    command started on every machine must not propose the same trials."""
+    study = config.study
+    with lease(prepared.storage, lease_name(config.name, "workers"), study.heartbeat_interval,
+               study.grace_period, study.wait_timeout, should_stop=stop_requested):
+        number = prepared.study.user_attrs.get(ATTR_WORKER_STARTS, 0)
+        prepared.study.set_user_attr(ATTR_WORKER_STARTS, number + 1)
+    return number
 
 
 def run_worker(config: ExperimentConfig, prepared: PreparedStudy, tracker: Tracker,
-               dataset: Callable[[], Dataset], on_trial: Callable[[FrozenTrial], None] | None = None,
-               progress: bool = False, worker: int = 0) -> None:
+               pixels: Callable[[], Dataset], on_trial: Callable[[FrozenTrial], None] | None = None,
+               progress: bool = False, echo: Callable[[str], None] = print) -> None:
     """Run trials until the study has `n_trials` finished ones. Safe to run in several processes
-    (or on several machines sharing one RDB storage and one MLflow server); `worker` numbers the
-    process on this machine. Stops with `TooManyFailuresError` after
-    `study.max_consecutive_failures` of its trials failed in a row."""
+    (or on several machines sharing one RDB storage and one MLflow server): each seeds its
+    sampler with a worker number of its own. Base models of further encodings are trained when
+    a trial first needs one (`echo` gets their epochs without progress bars). Stops with
+    `TooManyFailuresError` after `study.max_consecutive_failures` of its trials failed in a row.
+    """
     study = prepared.study
     study.sampler = make_sampler(config, prepared.record.bounds,
-                                 sampler_seed(config.study.seed, worker, len(study.trials)))
-    runner = TrialRunner(config, prepared, tracker, dataset(), load_base_state(tracker, prepared.record),
-                         progress, stop_requested)
+                                 sampler_seed(config.study.seed, claim_worker_number(config, prepared)))
+    bases = EncodedBases(config, prepared, pixels(), worker_training(config, prepared, tracker,
+                                                                      progress, echo))
+    bases.state(max(prepared.record.bounds.spikes_per_pixel))  # unreadable: stop before any trial
+    runner = TrialRunner(config, prepared, bases, progress, stop_requested)
     failed_in_a_row: list[FrozenTrial] = []
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -177,7 +217,15 @@ def run_worker(config: ExperimentConfig, prepared: PreparedStudy, tracker: Track
                 f"the last, trial {last.number}: {last.user_attrs.get(ATTR_FAILURE, 'no reason')}. "
                 "Finished trials are kept; fix the cause and re-run to continue")
         if open_slots() > 0:
-            study.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+            try:
+                study.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+                # Optuna refuses the result of a trial that is already finished ("Cannot tell a
+                # FAIL trial"): another worker took it for dead (its heartbeat came too late)
+                # and failed it, and queued a retry. This worker goes on with the study.
+                if not _finished_meanwhile(study, runner.trial_number):
+                    raise
+                _superseded(study, runner.trial_number, tracker, echo)
             continue
         # Every open slot is taken by a running trial: wait, in case its worker died and the
         # heartbeat turns it into a retry this worker should run.
@@ -191,14 +239,15 @@ def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: st
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracker = Tracker(tracking_uri)
-    study = optuna.load_study(study_name=config.name, storage=open_storage(storage_url, config))
-    prepared = PreparedStudy(study, StudyRecord.load(study), tracker.experiment(config.name))
+    storage = open_storage(storage_url, config)
+    study = optuna.load_study(study_name=config.name, storage=storage)
+    prepared = PreparedStudy(study, storage, StudyRecord.load(study), tracker.experiment(config.name))
     # The parent reports the interruption; the worker only records its trial.
     with stop_on_signals(repeat_interrupts=False), contextlib.suppress(KeyboardInterrupt):
         try:
-            run_worker(config, prepared, tracker, lambda: load_dataset(config.data).to(config.device),
-                       worker=worker)
-        except (TooManyFailuresError, BaseModelUnavailableError) as err:
+            run_worker(config, prepared, tracker, lambda: load_pixels(config.data).to(config.device),
+                       echo=lambda line: print(f"worker {worker}: {line}"))
+        except (TooManyFailuresError, BaseModelUnavailableError, LeaseTimeoutError) as err:
             print(f"worker {worker}: {err}", file=sys.stderr)
             sys.exit(3)
 
@@ -210,11 +259,10 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
     `progress`, bars and a line per trial; without (a log file), `echo` gets a line per
     base-model epoch, trial and confirmation. The data is loaded at most once in this process."""
     tracker = Tracker(tracking_uri)
-    dataset = functools.cache(lambda: load_dataset(config.data).to(config.device))
-    epochs = config.pretrain.epochs if config.pretrain else 0
+    pixels = functools.cache(lambda: load_pixels(config.data).to(config.device))
     prepared = prepare_study(
-        config, storage_url, tracker, dataset, progress=progress, should_stop=stop_requested,
-        on_epoch=None if progress else lambda stats: echo(f"base model {epoch_line(stats, epochs)}"))
+        config, storage_url, tracker, pixels, progress=progress, should_stop=stop_requested,
+        on_epoch=None if progress else base_epoch_echo(echo, config), on_wait=echo)
     study = prepared.study
     bar = tqdm(total=config.study.n_trials, initial=study_counts(study).finished, desc=config.name,
                unit="trial", disable=not progress)
@@ -228,16 +276,19 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
         bar.refresh()
 
     status = "FAILED"
+    line = bar.write if progress else echo
     try:
         if workers == 1:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            run_worker(config, prepared, tracker, dataset, on_trial=report, progress=progress)
+            run_worker(config, prepared, tracker, pixels, on_trial=report, progress=progress,
+                       echo=line)
         else:
             _run_processes(config, storage_url, tracking_uri, workers, study, report)
         if config.study.confirm_seeds and study_counts(study).finished >= config.study.n_trials:
-            confirm_front(config, prepared, tracker, dataset(), load_base_state(tracker, prepared.record),
-                          progress, stop_requested, bar.write if progress else echo)
+            bases = EncodedBases(config, prepared, pixels(),
+                                 worker_training(config, prepared, tracker, progress, line))
+            confirm_front(config, prepared, bases, progress, stop_requested, line)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -249,8 +300,16 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
                 close_orphaned_runs(study, tracker)
                 _publish_or_warn(prepared, tracker, with_metrics=False)
             finally:
-                tracker.close(prepared.record.parent_run_id, status)
+                _close_parent_unless_others_run(prepared, tracker, status)
     return study
+
+
+def _close_parent_unless_others_run(prepared: PreparedStudy, tracker: Tracker, status: str) -> None:
+    """Close the study's parent run, unless workers elsewhere still run trials of it: the last
+    worker to stop closes it (this worker's own trials are all finished by now)."""
+    optuna.storages.fail_stale_trials(prepared.study)
+    if not prepared.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        tracker.close(prepared.record.parent_run_id, status)
 
 
 def _run_processes(config: ExperimentConfig, storage_url: str, tracking_uri: str, workers: int,
