@@ -67,7 +67,7 @@ def pareto_png(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, Bas
     if not confirmed.empty:
         ax.errorbar(confirmed["test_synops_mean_mean"], confirmed["test_accuracy_mean"] * 100,
                     xerr=confirmed["test_synops_mean_sd"], yerr=confirmed["test_accuracy_sd"] * 100,
-                    fmt="s", markersize=4, color="tab:green", capsize=3, alpha=0.8, zorder=4,
+                    fmt="s", markersize=4, color="black", capsize=3, alpha=0.8, zorder=4,
                     label=f"front member: mean ± sd over {int(confirmed['seeds'].max())} seeds")
     ax.scatter([], [], marker="D", color="white", edgecolors="black",
                label="unpenalised base model (its encoding's colour)")
@@ -145,7 +145,7 @@ def pareto_html(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, Ba
             error_x={"array": confirmed["test_synops_mean_sd"].tolist()},
             error_y={"array": (confirmed["test_accuracy_sd"] * 100).tolist()},
             name="front member: seed mean ± sd", mode="markers",
-            marker={"symbol": "square", "color": "green", "size": 7},
+            marker={"symbol": "square", "color": "black", "size": 7},
             text=[f"trial {int(r['trial'])}: {int(r['seeds'])} seeds, test "
                   f"{r['test_accuracy_mean']:.2%} ± {r['test_accuracy_sd'] * 100:.2f}"
                   f"{' (dominated on the means)' if r['dominated_on_means'] else ''}"

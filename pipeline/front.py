@@ -542,8 +542,9 @@ def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool)
     counts = study_counts(study)
     rows = "\n".join(
         f"| {int(r['trial'])}{' (knee)' if r['trial'] == knee['trial'] else ''} | "
-        f"{r['val_accuracy']:.2%} | {r['val_synops_mean']:.3g} | {r['test_accuracy']:.2%} | "
-        f"{r['test_synops_mean']:.3g} | `{r['mlflow_run_id']}` |" for _, r in front.iterrows())
+        f"{int(r['spikes_per_pixel'])} | {r['val_accuracy']:.2%} | {r['val_synops_mean']:.3g} | "
+        f"{r['test_accuracy']:.2%} | {r['test_synops_mean']:.3g} | `{r['mlflow_run_id']}` |"
+        for _, r in front.iterrows())
     files = ["`front.csv`", "`pareto.png`"] + (
         ["`report/index.html` (the whole report: download the `report` folder and open it)",
          "`report/report.md`"] if with_report else ["the report, once `synops report` has run"])
@@ -551,10 +552,11 @@ def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool)
             f"{counts.finished} finished, {counts.failed} failed, {counts.running} running trials. "
             "Front chosen on validation, fewest SynOps first (single runs; the knee is chosen on "
             "the seed means once the front is confirmed):\n\n"
-            "| trial | val accuracy | val SynOps | test accuracy | test SynOps | run |\n"
-            "|---:|---:|---:|---:|---:|---|\n"
+            "| trial | spikes/pixel | val accuracy | val SynOps | test accuracy | test SynOps | run |\n"
+            "|---:|---:|---:|---:|---:|---:|---|\n"
             f"{rows}\n\n"
-            f"**Knee: trial {int(knee['trial'])}**, {knee['test_accuracy']:.2%} at "
+            f"**Knee: trial {int(knee['trial'])}** ({int(knee['spikes_per_pixel'])} spikes per "
+            f"pixel), {knee['test_accuracy']:.2%} at "
             f"{knee['test_synops_mean']:.3g} SynOps per test sample. Filter the front's runs with "
             f"`tags.{FRONT_TRIALS_TAG}` on this run, or `tags.trial_number` on the child runs.\n\n"
             f"Files logged under this run: {', '.join(files)}.\n")

@@ -1,0 +1,78 @@
+"""Trials per minute with 1, 2 and 3 workers, on the local SQLite stores and on PostgreSQL with an
+MLflow server (`synops services`): the measurement behind the README's "Outgrowing one machine".
+
+Each cell is a fresh study of `--trials` short trials (experiments/smoke.toml on real MNIST, no
+confirmation stage) run by `synops sweep --workers N`; trials per minute count from the first
+trial's start to the last trial's end, so process start-up and the base model are left out.
+
+    .venv/bin/python scripts/bench_workers.py [--trials 12] [--workers 1 2 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.services import start_services, stop_services
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cell(storage: str, tracking: str, name: str, workers: int, trials: int) -> dict[str, float]:
+    command = [sys.executable, "-m", "pipeline", "sweep", "--config",
+               str(ROOT / "experiments" / "smoke.toml"), "--storage", storage,
+               "--tracking-uri", tracking, "--workers", str(workers), "--quiet",
+               f"--set=name=\"{name}\"", f"--set=study.n_trials={trials}",
+               "--set=study.confirm_seeds=0", f"--set=data.root=\"{ROOT / 'data'}\""]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    study = optuna.load_study(study_name=name, storage=storage)
+    finished = study.get_trials(states=(TrialState.COMPLETE,))
+    span = (max(t.datetime_complete for t in finished)
+            - min(t.datetime_start for t in finished)).total_seconds()
+    return {"workers": workers, "trials": len(finished), "trial_span_s": round(span, 1),
+            "trials_per_min": round(len(finished) / span * 60, 1), "command_wall_s": round(wall, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="synops-bench-") as tmp:
+        folder = Path(tmp)
+        folder.chmod(0o755)  # PostgreSQL, run as `postgres` under root, must enter it
+        local = (f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}")
+        services = start_services(folder / "services", echo=print)
+        try:
+            for label, (storage, tracking) in (("sqlite", local),
+                                               ("postgresql", (services.storage_url,
+                                                               services.tracking_uri))):
+                for workers in args.workers:
+                    cell = run_cell(storage, tracking, f"bench-{label}-{workers}", workers,
+                                    args.trials)
+                    results.append({"stores": label, **cell})
+                    print(json.dumps(results[-1]), flush=True)
+        finally:
+            stop_services(folder / "services")
+    print("| stores | workers | trials/min | trials | first start to last end | command |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['stores']} | {r['workers']} | {r['trials_per_min']} | {r['trials']} | "
+              f"{r['trial_span_s']} s | {r['command_wall_s']} s |")
+
+
+if __name__ == "__main__":
+    main()
