@@ -297,11 +297,6 @@ class ExperimentConfig:
         for key, expected in (("in_channels", channels), ("input_size", side), ("num_classes", classes)):
             _require(getattr(self.model, key) == expected, f"model.{key}",
                      f"{self.data.dataset} needs {expected}, got {getattr(self.model, key)}")
-        if self.snn.needs_step_per_spike():
-            _require(self.snn.steps >= max(self.encodings()), "snn.steps",
-                     f"{self.snn.encoding} input with {self.snn.spike_fn}-spike neurons needs a "
-                     f"step for each of up to {max(self.encodings())} spikes a pixel carries "
-                     "(data.spikes_per_pixel, study.space.spikes_per_pixel): at least that many")
 
     def encodings(self) -> list[int]:
         """The input encodings (spikes per pixel) this experiment trains with, largest first."""

@@ -7,7 +7,7 @@ import dataclasses
 
 import optuna
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import ConfigError, ExperimentConfig, SNNConfig
 from pipeline.data import load_pixels
 from pipeline.evaluate import SpikingEvaluation
 from pipeline.front import (
@@ -37,12 +37,26 @@ def chosen_members(study: optuna.Study, trial: int | None, knee: bool) -> list[T
     return [records[int(n)] for n in choice.members["trial"]]
 
 
+def require_enough_steps(settings: SNNConfig, encodings: dict[int, int]) -> None:
+    """Refuse, before any simulation, settings that need a step per input spike (`single`,
+    `rate`) with fewer steps than a member's encoding has spikes per pixel (`encodings`: trial
+    number -> spikes per pixel)."""
+    short = {n: k for n, k in encodings.items() if settings.needs_step_per_spike() and settings.steps < k}
+    if short:
+        listed = ", ".join(f"trial {n}: {k}" for n, k in sorted(short.items()))
+        raise ConfigError("snn.steps", f"{settings.encoding} input with {settings.spike_fn}-spike "
+                          f"neurons needs a step for each spike a pixel carries, at least "
+                          f"{max(short.values())} here ({listed} spikes per pixel); "
+                          f"got {settings.steps}")
+
+
 def check_members(study: optuna.Study, members: list[TrialRecord], config: ExperimentConfig,
                   tracker: Tracker, progress: bool = True) -> list[SpikingEvaluation]:
     """Simulate `members` with `config.snn` on the study's test set (read from `config.data.root`)
     in each member's own input encoding, log each result to the member's run (metrics `snn_*`,
     settings as `snn.*` tags) and store it in the study (`snn_check.<trial>`), replacing an
     earlier check of the same member."""
+    require_enough_steps(config.snn, {m.number: m.spikes_per_pixel for m in members})
     record = StudyRecord.load(study)
     data = dataclasses.replace(record.config.data, root=config.data.root,
                                verify_checksums=config.data.verify_checksums)

@@ -15,21 +15,12 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.cli import main
-from pipeline.config import (
-    ConfigError,
-    DataConfig,
-    ExperimentConfig,
-    ModelConfig,
-    SearchSpace,
-    SNNConfig,
-    StudyConfig,
-    TrainConfig,
-    load_config,
-)
+from pipeline.config import ConfigError, ModelConfig, SNNConfig, TrainConfig, load_config
 from pipeline.data import Split, load_dataset
 from pipeline.layers import NeuromorphicReLU, SumPool2d
 from pipeline.model import build_model
 from pipeline.snn import encode, read_nir, simulate, to_spiking, write_nir
+from pipeline.snn_check import require_enough_steps
 from pipeline.synops import SynOpsCounter
 from pipeline.train import train
 from tests.conftest import EXPERIMENTS, smoke_overrides
@@ -163,14 +154,13 @@ def test_the_study_check_logs_to_each_members_run_and_the_report_shows_it(
     assert missing.exit_code == 1 and "not a finished trial" in missing.output
 
 
-def test_single_spike_and_rate_input_need_a_step_for_each_spike_of_the_encoding() -> None:
-    single = SNNConfig(spike_fn="single", steps=32)
-    with pytest.raises(ConfigError, match="snn.steps"):
-        ExperimentConfig(name="x", snn=single)  # 255 spikes per pixel, 32 steps
-    ExperimentConfig(name="x", data=DataConfig(spikes_per_pixel=31), snn=single)
-    searched = StudyConfig(space=SearchSpace(spikes_per_pixel=[15, 63]))
-    with pytest.raises(ConfigError, match="snn.steps"):
-        ExperimentConfig(name="x", data=DataConfig(spikes_per_pixel=15), study=searched, snn=single)
-    with pytest.raises(ValueError, match="raise snn.steps"):
+def test_single_spike_and_rate_input_need_a_step_for_each_spike_of_the_members_encoding() -> None:
+    single, rate = SNNConfig(spike_fn="single", steps=8), SNNConfig(encoding="rate", steps=8)
+    require_enough_steps(single, {4: 7, 5: 3})  # 0..7 spikes per pixel fit in 8 steps
+    require_enough_steps(SNNConfig(steps=8), {6: 255})  # multi-spike regular input: any count
+    for settings in (single, rate):
+        with pytest.raises(ConfigError, match=r"snn.steps.*at least 255 here \(trial 6: 255"):
+            require_enough_steps(settings, {4: 7, 6: 255})
+    with pytest.raises(ValueError, match="raise snn.steps"):  # and the simulation checks again
         encode(torch.full((1, 1, 2, 2), 40.0), SNNConfig(encoding="rate", steps=32),
                torch.Generator().manual_seed(0))
