@@ -171,19 +171,28 @@ def hypervolume_png(history: pd.Series, reference: tuple[float, float], path: Pa
 
 
 def layers_png(front: pd.DataFrame, layers: dict[str, str], path: Path) -> None:
-    """Per-layer test SynOps of each front member, stacked; `layers` maps each counted layer's
-    name to its label. The legend sits beside the bars."""
-    table = front.set_index(front["trial"].map(lambda n: f"trial {n}"))[
-        [layer_column(name) for name in layers]]
+    """Per-layer test SynOps of each front member, stacked, in SynOps (left) and as shares of the
+    member's total (right: readable when the members' totals differ by orders of magnitude, as
+    across input encodings); `layers` maps each counted layer's name to its label."""
+    labels = [f"trial {int(r['trial'])}\n{int(r['spikes_per_pixel'])}/px" for _, r in front.iterrows()]
+    table = front[[layer_column(name) for name in layers]].set_axis(labels)
     table.columns = list(layers.values())
-    ax = table.plot.bar(stacked=True, figsize=(max(6, 0.6 * len(table) + 2) + 3, 4.5), rot=45)
-    ax.set(ylabel="mean SynOps per test sample", xlabel="front member (fewest SynOps first)",
-           title="Where each front member spends its SynOps, by weight layer")
-    ax.legend(title="layer (its input is counted)", fontsize=8, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=130)
-    plt.close(ax.figure)
+    width = max(6, 0.6 * len(table) + 2)
+    fig, (counts, shares) = plt.subplots(1, 2, figsize=(2 * width + 3, 4.8))
+    table.plot.bar(stacked=True, ax=counts, rot=0, legend=False)
+    (table.div(table.sum(axis=1), axis=0) * 100).plot.bar(stacked=True, ax=shares, rot=0,
+                                                          legend=False)
+    counts.set(ylabel="mean SynOps per test sample", xlabel="front member (fewest SynOps first; "
+               "spikes per pixel)", title="SynOps by weight layer")
+    shares.set(ylabel="share of the member's SynOps (%)", xlabel="front member",
+               title="Share of each weight layer")
+    for ax in (counts, shares):
+        ax.tick_params(axis="x", labelsize=7)
+    shares.legend(title="layer (its input is counted)", fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def snn_layers_png(check: SpikingEvaluation, layers: dict[str, str], trial: int, path: Path) -> None:

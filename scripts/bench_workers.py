@@ -5,7 +5,11 @@ Each cell is a fresh study of `--trials` short trials (experiments/smoke.toml on
 confirmation stage) run by `synops sweep --workers N`; trials per minute count from the first
 trial's start to the last trial's end, so process start-up and the base model are left out.
 
-    .venv/bin/python scripts/bench_workers.py [--trials 12] [--workers 1 2 3]
+    .venv/bin/python scripts/bench_workers.py [--trials 12] [--workers 1 2 3] [--set key=value ...]
+
+The smoke study's trials train ~0.5 s each (1,200 images, 3 batches), so it measures what the
+stores cost per trial; `--set data.max_train_samples=0 --set train.max_batches=0` makes each
+trial a full epoch over the 55,000 training images instead.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from pipeline.services import start_services, stop_services
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cell(storage: str, tracking: str, name: str, workers: int, trials: int) -> dict[str, float]:
+def run_cell(storage: str, tracking: str, name: str, workers: int, trials: int,
+             overrides: list[str]) -> dict[str, float]:
     command = [sys.executable, "-m", "pipeline", "sweep", "--config",
                str(ROOT / "experiments" / "smoke.toml"), "--storage", storage,
                "--tracking-uri", tracking, "--workers", str(workers), "--quiet",
                f"--set=name=\"{name}\"", f"--set=study.n_trials={trials}",
-               "--set=study.confirm_seeds=0", f"--set=data.root=\"{ROOT / 'data'}\""]
+               "--set=study.confirm_seeds=0", f"--set=data.root=\"{ROOT / 'data'}\"",
+               *[f"--set={o}" for o in overrides]]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -49,6 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="a config override for every study, e.g. train.max_batches=0")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="synops-bench-") as tmp:
@@ -62,7 +70,7 @@ def main() -> None:
                                                                services.tracking_uri))):
                 for workers in args.workers:
                     cell = run_cell(storage, tracking, f"bench-{label}-{workers}", workers,
-                                    args.trials)
+                                    args.trials, args.overrides)
                     results.append({"stores": label, **cell})
                     print(json.dumps(results[-1]), flush=True)
         finally:
