@@ -66,10 +66,13 @@ class Services:
                 f"{self.postgres_port}/mlflow")
 
 
-def free_port(host: str) -> int:
-    """A port nothing listens on now (the OS picks it)."""
+def free_port(host: str, preferred: int = 0) -> int:
+    """`preferred` if nothing listens on it now, else a port the OS picks."""
     with socket.socket() as probe:
-        probe.bind((host, 0))
+        try:
+            probe.bind((host, preferred))
+        except OSError:
+            probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
@@ -100,10 +103,12 @@ def _as_cluster_owner(command: list[str]) -> list[str]:
     return ["runuser", "-u", SYSTEM_USER, "--", *command] if os.geteuid() == 0 else command
 
 
-def _run(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
+def _run(command: list[str], what: str, env: dict[str, str] | None = None,
+         unless: str | None = None) -> None:
+    """Run a PostgreSQL program; a failure whose message holds `unless` is none."""
     done = subprocess.run(_as_cluster_owner(command), capture_output=True, text=True,
                           env=os.environ | (env or {}))
-    if done.returncode != 0:
+    if done.returncode != 0 and not (unless and unless in done.stderr):
         raise ServicesError(f"{what} failed ({' '.join(command[:2])} ...):\n"
                             f"{(done.stderr or done.stdout)[-2000:]}")
 
@@ -145,10 +150,9 @@ def _start_postgres(bindir: Path, folder: Path, host: str, port: int, password: 
     log = run_dir / "postgres.log"
     _run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o", options, "start"],
          f"starting PostgreSQL (log: {log})")
-    if fresh:
-        for database in DATABASES:
-            _run([str(bindir / "createdb"), "-h", host, "-p", str(port), "-U", DB_USER, database],
-                 f"creating database {database}", env={"PGPASSWORD": password})
+    for database in DATABASES:  # also after a first start that failed half-way
+        _run([str(bindir / "createdb"), "-h", host, "-p", str(port), "-U", DB_USER, database],
+             f"creating database {database}", env={"PGPASSWORD": password}, unless="already exists")
 
 
 def _wait_for_mlflow(process: subprocess.Popen, url: str, log: Path) -> None:
@@ -190,6 +194,8 @@ def load_services(folder: Path = DEFAULT_FOLDER) -> Services | None:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # none recorded (0 would mean this process group)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -200,17 +206,23 @@ def _alive(pid: int) -> bool:
 def start_services(folder: Path = DEFAULT_FOLDER, host: str = "127.0.0.1", postgres_port: int = 0,
                    mlflow_port: int = 0, mlflow_workers: int = 2, install: bool = True,
                    echo: Callable[[str], None] = print) -> Services:
-    """Start PostgreSQL and the MLflow server in `folder` (created; ports 0 = free ones), or
-    return them if they already run. A cluster made by an earlier start is reused, data kept."""
+    """Start PostgreSQL and the MLflow server in `folder` (created; ports 0 = the previous start's
+    if free, else free ones), or return them if they already run. A cluster made by an earlier
+    start is reused, data and password kept."""
+    folder = folder.resolve()  # PostgreSQL reads relative paths from its data folder
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o755)
     known = load_services(folder)
     if known is not None and _alive(known.mlflow_pid):
         return known
     bindir = postgres_bin(install, echo)
-    password = known.password if known else secrets.token_urlsafe(18)
-    services = Services(str(folder.resolve()), host, postgres_port or free_port(host),
-                        mlflow_port or free_port(host), password, mlflow_pid=0)
+    password = known.password if known else secrets.token_urlsafe(18)  # the cluster's, once made
+    # A restart keeps the ports workers were given, when they are still free.
+    services = Services(str(folder), host,
+                        postgres_port or free_port(host, known.postgres_port if known else 0),
+                        mlflow_port or free_port(host, known.mlflow_port if known else 0),
+                        password, mlflow_pid=0)
+    _save(services)
     _start_postgres(bindir, folder, host, services.postgres_port, password)
     try:
         process = _start_mlflow(services, folder, mlflow_workers)
@@ -218,10 +230,14 @@ def start_services(folder: Path = DEFAULT_FOLDER, host: str = "127.0.0.1", postg
         _stop_postgres(folder)
         raise
     services = Services(**(asdict(services) | {"mlflow_pid": process.pid}))
-    state = folder / STATE_FILE
-    state.write_text(json.dumps(asdict(services), indent=2) + "\n")
-    state.chmod(0o600)  # it holds the database password
+    _save(services)
     return services
+
+
+def _save(services: Services) -> None:
+    state = Path(services.folder) / STATE_FILE
+    state.touch(mode=0o600)  # it holds the database password
+    state.write_text(json.dumps(asdict(services), indent=2) + "\n")
 
 
 def _stop_postgres(folder: Path) -> None:
@@ -234,6 +250,7 @@ def _stop_postgres(folder: Path) -> None:
 
 def stop_services(folder: Path = DEFAULT_FOLDER) -> bool:
     """Stop both servers of `folder` (their data stays); False if none was running."""
+    folder = folder.resolve()
     known = load_services(folder)
     running = known is not None and _alive(known.mlflow_pid)
     if running:
