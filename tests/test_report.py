@@ -17,7 +17,8 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.front import choose
 from pipeline.model import build_model
-from tests.conftest import EXPERIMENTS
+from pipeline.sweep.workers import run_sweep
+from tests.conftest import EXPERIMENTS, smoke_overrides
 
 
 def test_report_files_hold_the_front(study_stores: tuple[str, str, list[str]], tmp_path: Path) -> None:
@@ -126,3 +127,23 @@ def test_a_study_name_that_is_a_path_is_refused(name: str, tmp_path: Path) -> No
                                        f"--set=name={json.dumps(name)}",
                                        "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"])
     assert result.exit_code == 2 and "name" in result.output
+
+
+def test_a_knee_at_an_encoding_the_study_does_not_search_is_reported(
+    idx_root: Path, tmp_path: Path
+) -> None:
+    """The tutorial's reference trial runs at 255 spikes per pixel, which a study may not search
+    (so has no base model of it): as the knee, it is still compared and its floor stated."""
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = smoke_overrides(idx_root) | {"study.space.spikes_per_pixel": [15],
+                                             "study.n_trials": 1, "study.confirm_seeds": 0}
+    run_sweep(load_config(EXPERIMENTS / "smoke.toml", overrides), storage, tracking,
+              progress=False, echo=lambda line: None)
+    args = ["--config", str(EXPERIMENTS / "smoke.toml"), "--storage", storage, "--tracking-uri",
+            tracking, *[f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]]
+    result = CliRunner().invoke(main, ["report", *args, "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    summary = (tmp_path / "report" / "report.md").read_text()
+    assert "input encoding **255 spikes per pixel**" in summary  # the reference trial is the knee
+    assert "unpenalised base model (15 spikes/pixel)" in summary
+    assert "input-layer floor of its encoding: " in summary
