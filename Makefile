@@ -21,7 +21,7 @@ test: $(STAMP)  ## the test suite (generated data, plus one short run on real MN
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests scripts
+	$(BIN)/ruff check pipeline tests
 
 data: $(STAMP)  ## fetch and verify the dataset of $(CONFIG)
 	$(BIN)/synops data --config $(CONFIG)

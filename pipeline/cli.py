@@ -43,6 +43,7 @@ def _resolve_config(path: str, assignments: tuple[str, ...], flags: dict[str, An
 def _fail_cleanly(command: Callable) -> Callable:
     """Turn the pipeline's expected errors into a one-line message and exit status 1, and an
     interruption into exit status 130."""
+    from pipeline.bench_workers import BenchWorkersError
     from pipeline.data import DataError
     from pipeline.front import NoSuchTrialError, StudyFormatError
     from pipeline.report import EmptyStudyError, UnsafeOutputError
@@ -56,7 +57,8 @@ def _fail_cleanly(command: Callable) -> Callable:
 
     failures = (DataError, DivergedError, FileNotFoundError, WorkerError, TooManyFailuresError,
                 BaseModelUnavailableError, TrackingError, StudyNotFoundError, StudyFormatError,
-                EmptyStudyError, NoSuchTrialError, LeaseTimeoutError, ServicesError)
+                EmptyStudyError, NoSuchTrialError, LeaseTimeoutError, ServicesError,
+                BenchWorkersError)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -200,6 +202,27 @@ def bench(config_path: str, assignments: tuple[str, ...], rounds: int, as_json: 
         f"{result.synops_overhead:.3f}\n"
         f"torch {result.torch_version}, {result.machine}"
     )
+
+
+@main.command("bench-workers")
+@click.option("--trials", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Trials per study (one study per cell).")
+@click.option("--workers", "worker_counts", type=click.IntRange(min=1), multiple=True,
+              default=(1, 2, 3), show_default=True, help="Worker counts to measure (repeatable).")
+@click.option("--data-root", type=click.Path(file_okay=False), default="data", show_default=True,
+              help="Where MNIST is (`make data`).")
+@set_option
+@_fail_cleanly
+def bench_workers(trials: int, worker_counts: tuple[int, ...], data_root: str,
+                  assignments: tuple[str, ...]) -> None:
+    """Trials per minute with N workers on SQLite vs PostgreSQL + an MLflow server (smoke.toml)."""
+    from pathlib import Path
+
+    from pipeline.bench_workers import markdown_table, run_bench_workers
+
+    results = run_bench_workers(trials, list(worker_counts), list(assignments), Path(data_root),
+                                echo=click.echo)
+    click.echo(markdown_table(results))
 
 
 @main.command()
