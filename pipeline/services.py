@@ -69,6 +69,8 @@ class Services:
 def free_port(host: str, preferred: int = 0) -> int:
     """`preferred` if nothing listens on it now, else a port the OS picks."""
     with socket.socket() as probe:
+        # as the servers bind: a port its last clients left in TIME_WAIT is free to them
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, preferred))
         except OSError:
