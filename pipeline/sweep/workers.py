@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
-from pipeline.data import Dataset, load_pixels
+from pipeline.data import load_pixels
 from pipeline.evaluate import Evaluation
 from pipeline.figures import pareto_png
 from pipeline.front import (
@@ -171,20 +171,18 @@ def claim_worker_number(config: ExperimentConfig, prepared: PreparedStudy) -> in
     return number
 
 
-def run_worker(config: ExperimentConfig, prepared: PreparedStudy, tracker: Tracker,
-               pixels: Callable[[], Dataset], on_trial: Callable[[FrozenTrial], None] | None = None,
-               progress: bool = False, echo: Callable[[str], None] = print) -> None:
+def run_worker(config: ExperimentConfig, prepared: PreparedStudy, bases: EncodedBases,
+               on_trial: Callable[[FrozenTrial], None] | None = None, progress: bool = False,
+               echo: Callable[[str], None] = print) -> None:
     """Run trials until the study has `n_trials` finished ones. Safe to run in several processes
     (or on several machines sharing one RDB storage and one MLflow server): each seeds its
     sampler with a worker number of its own. Base models of further encodings are trained when
-    a trial first needs one (`echo` gets their epochs without progress bars). Stops with
-    `TooManyFailuresError` after `study.max_consecutive_failures` of its trials failed in a row.
+    a trial first needs one (`bases`). Stops with `TooManyFailuresError` after
+    `study.max_consecutive_failures` of its trials failed in a row.
     """
-    study = prepared.study
+    study, tracker = prepared.study, bases.training.tracker
     study.sampler = make_sampler(config, prepared.record.bounds,
                                  sampler_seed(config.study.seed, claim_worker_number(config, prepared)))
-    bases = EncodedBases(config, prepared, pixels(), worker_training(config, prepared, tracker,
-                                                                      progress, echo))
     bases.state(max(prepared.record.bounds.spikes_per_pixel))  # unreadable: stop before any trial
     runner = TrialRunner(config, prepared, bases, progress, stop_requested)
     failed_in_a_row: list[FrozenTrial] = []
@@ -245,8 +243,10 @@ def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: st
     # The parent reports the interruption; the worker only records its trial.
     with stop_on_signals(repeat_interrupts=False), contextlib.suppress(KeyboardInterrupt):
         try:
-            run_worker(config, prepared, tracker, lambda: load_pixels(config.data).to(config.device),
-                       echo=lambda line: print(f"worker {worker}: {line}"))
+            echo = functools.partial(print, f"worker {worker}:")
+            bases = EncodedBases(config, prepared, load_pixels(config.data).to(config.device),
+                                 worker_training(config, prepared, tracker, False, echo))
+            run_worker(config, prepared, bases, echo=echo)
         except (TooManyFailuresError, BaseModelUnavailableError, LeaseTimeoutError) as err:
             print(f"worker {worker}: {err}", file=sys.stderr)
             sys.exit(3)
@@ -277,18 +277,18 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
 
     status = "FAILED"
     line = bar.write if progress else echo
+    # This process's encoded data and base models, made once for its trials and confirmations.
+    bases = functools.cache(lambda: EncodedBases(
+        config, prepared, pixels(), worker_training(config, prepared, tracker, progress, line)))
     try:
         if workers == 1:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            run_worker(config, prepared, tracker, pixels, on_trial=report, progress=progress,
-                       echo=line)
+            run_worker(config, prepared, bases(), on_trial=report, progress=progress, echo=line)
         else:
             _run_processes(config, storage_url, tracking_uri, workers, study, report)
         if config.study.confirm_seeds and study_counts(study).finished >= config.study.n_trials:
-            bases = EncodedBases(config, prepared, pixels(),
-                                 worker_training(config, prepared, tracker, progress, line))
-            confirm_front(config, prepared, bases, progress, stop_requested, line)
+            confirm_front(config, prepared, bases(), progress, stop_requested, line)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
