@@ -26,12 +26,13 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from pipeline.errors import PipelineError
 from pipeline.services import start_services, stop_services
 
 ROOT = Path(__file__).resolve().parent.parent  # experiments/ lives beside the package
 
 
-class BenchWorkersError(RuntimeError):
+class BenchWorkersError(PipelineError, RuntimeError):
     """A measured sweep failed; its output's end is in the message."""
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from pipeline.config import ConfigError, ExperimentConfig, load_config, parse_override
+from pipeline.config import PENALTIES, ExperimentConfig, load_config, parse_override
+from pipeline.errors import EXIT_BAD_INPUT, ConfigError, PipelineError
 from pipeline.interrupt import stop_on_signals, stop_requested
 from pipeline.memory import keep_freed_memory
 
@@ -41,36 +42,19 @@ def _resolve_config(path: str, assignments: tuple[str, ...], flags: dict[str, An
 
 
 def _fail_cleanly(command: Callable) -> Callable:
-    """Turn the pipeline's expected errors into a one-line message and exit status 1, and an
-    interruption into exit status 130."""
-    from pipeline.bench_workers import BenchWorkersError
-    from pipeline.data import DataError
-    from pipeline.front import NoSuchTrialError, StudyFormatError
-    from pipeline.report import EmptyStudyError, UnsafeOutputError
-    from pipeline.services import ServicesError
-    from pipeline.sweep.lease import LeaseTimeoutError
-    from pipeline.sweep.objective import BaseModelUnavailableError
-    from pipeline.sweep.storage import StudyNotFoundError
-    from pipeline.sweep.workers import TooManyFailuresError, WorkerError
-    from pipeline.tracking import TrackingError
-    from pipeline.train import DivergedError
-
-    failures = (DataError, DivergedError, FileNotFoundError, WorkerError, TooManyFailuresError,
-                BaseModelUnavailableError, TrackingError, StudyNotFoundError, StudyFormatError,
-                EmptyStudyError, NoSuchTrialError, LeaseTimeoutError, ServicesError,
-                BenchWorkersError)
+    """Turn the pipeline's errors (`PipelineError`) into a one-line message and their exit status
+    (2 with click's usage line for bad input, else 1), and an interruption into exit status 130."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except failures as err:
+        except PipelineError as err:
+            if err.exit_code == EXIT_BAD_INPUT:
+                prefix = "invalid config: " if isinstance(err, ConfigError) else ""
+                raise click.UsageError(f"{prefix}{err}") from None
             click.secho(f"error: {err}", fg="red", err=True)
-            sys.exit(1)
-        except ConfigError as err:
-            raise click.UsageError(f"invalid config: {err}") from None
-        except UnsafeOutputError as err:
-            raise click.UsageError(str(err)) from None
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.secho("interrupted: finished work is kept, the running run is marked KILLED",
                         fg="yellow", err=True)
@@ -131,12 +115,18 @@ def main() -> None:
 @set_option
 @_fail_cleanly
 def data(config_path: str, assignments: tuple[str, ...]) -> None:
-    """Fetch and verify the config's dataset (torchvision, else the offline sources)."""
-    from pipeline.data import prepare_raw_files
+    """Load and check the config's data (fetching a built-in dataset: torchvision, else the
+    offline sources) and say what the network will see."""
+    from pipeline.data import load_dataset
 
     config = _resolve_config(config_path, assignments, {})
-    folder = prepare_raw_files(config.data)
-    click.echo(f"{config.data.dataset}: raw files ready and verified in {folder}")
+    dataset = load_dataset(config.data)
+    shape = "x".join(map(str, dataset.input_shape))
+    encoding = (f"encoded to 0..{dataset.spikes_per_pixel} spikes per pixel"
+                if dataset.spikes_per_pixel is not None else "used as they are")
+    click.echo(f"{config.data.source}: {len(dataset.train)} training, {len(dataset.val)} validation, "
+               f"{len(dataset.test)} test samples of {shape}, {dataset.num_classes} classes; "
+               f"{dataset.kind} ({encoding}); fingerprint {dataset.fingerprint}")
 
 
 @main.command()
@@ -146,7 +136,7 @@ def data(config_path: str, assignments: tuple[str, ...]) -> None:
 @click.option("--epochs", type=click.IntRange(min=0), default=None, help="train.epochs")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="train.batch_size")
 @click.option("--lr", type=float, default=None, help="train.lr")
-@click.option("--penalty", type=click.Choice(["none", "mse", "hinge"]), default=None,
+@click.option("--penalty", type=click.Choice(PENALTIES), default=None,
               help="train.penalty")
 @click.option("--penalty-weight", type=float, default=None, help="train.penalty_weight")
 @click.option("--target", type=float, default=None, help="train.target_synops")
@@ -158,7 +148,7 @@ def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
           quiet: bool, **flags: Any) -> None:
     """Train one config (warm-started from its base model if it has [pretrain]); log to MLflow."""
     from pipeline.run import run_experiment
-    from pipeline.tracking import Tracker, resolve_tracking_uri
+    from pipeline.tracking import resolve_tracking_uri
     from pipeline.train import epoch_line
 
     config = _resolve_config(config_path, assignments, flags)
@@ -167,7 +157,7 @@ def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
     epochs = {"base model": config.pretrain.epochs if config.pretrain else 0, "train": config.train.epochs}
     with stop_on_signals():
         result = run_experiment(
-            config, Tracker(uri), progress=progress, should_stop=stop_requested,
+            config, uri, progress=progress, should_stop=stop_requested,
             on_epoch=None if progress else lambda stage, s: echo(f"{stage} {epoch_line(s, epochs[stage])}"))
     click.echo(
         f"{config.name}: test accuracy {result.test.accuracy:.2%} at "
@@ -384,6 +374,7 @@ def snn(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None
               else "the whole test set")
     click.echo(f"simulating {len(members)} member(s) on {subset} (set --max-samples 0 for all)")
     progress, _ = _output(quiet)
-    for member, result in zip(members, check_members(study, members, config, tracker,
-                                                     progress=progress), strict=True):
+    results = check_members(study, members, config.snn, config.data.root,
+                            config.data.verify_checksums, tracker, progress=progress)
+    for member, result in zip(members, results, strict=True):
         click.echo(describe(member, result))

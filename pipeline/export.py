@@ -9,6 +9,7 @@ import optuna
 import torch
 
 from pipeline.config import SNNConfig
+from pipeline.errors import PipelineError
 from pipeline.evaluate import energy_per_sample
 from pipeline.front import (
     NoSuchTrialError,
@@ -17,8 +18,20 @@ from pipeline.front import (
     choose,
     finished_trials,
 )
-from pipeline.model import build_model
 from pipeline.tracking import Tracker
+
+
+class ExportError(PipelineError):
+    """The chosen network cannot be written in the asked format (a layer NIR cannot hold)."""
+
+
+def input_encoding(record: TrialRecord) -> str:
+    """How a sample becomes the network's input spike counts, for people and toolchains."""
+    k = record.spikes_per_pixel
+    if k is None:
+        return "spike counts as the data source gives them (no encoding)"
+    return (f"pixel value v in 0..255 becomes floor(v * {k + 1} / 256) spikes (0..{k}): "
+            "pipeline.data.encode_pixels")
 
 
 def _chosen(study: optuna.Study, trial_number: int | None) -> tuple[TrialRecord, bool, str]:
@@ -43,15 +56,26 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
                  nir_settings: SNNConfig | None = None) -> Path:
     """Write `model.pt` (a state dict), its `config.toml` and `card.json` for trial `trial_number`,
     or for the front's knee when it is None; with `nir_settings`, also `model.nir`, the spiking
-    network those settings describe. Returns the card's path."""
+    network those settings describe. Returns the card's path. Raises `ExportError`, before
+    anything is written, when the network has no NIR equivalent (naming the layer)."""
     record, on_front, reason = _chosen(study, trial_number)
     study_record = StudyRecord.load(study)
-    out.mkdir(parents=True, exist_ok=True)
     state = tracker.load_checkpoint(record.run_id)
+    model = record.network(study_record.config)
+    model.load_state_dict(state)
+    nir_graph = None
+    if nir_settings is not None:
+        from pipeline.snn import SpikingConversionError, nir_graph_of  # loads sinabs and nir
+
+        try:
+            nir_graph = nir_graph_of(model, nir_settings, record.input_shape)
+        except SpikingConversionError as err:
+            raise ExportError(f"trial {record.number} cannot be exported as NIR: {err}") from None
+    out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / "model.pt")
     tracker.download(record.run_id, "config.toml", out)
-    model_config = study_record.config.model
-    input_shape = (model_config.in_channels, model_config.input_size, model_config.input_size)
+    designed = record.variant.apply(study_record.config)
+    input_shape = record.input_shape
     test = record.test
     card = {
         "study": study.study_name,
@@ -61,6 +85,7 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
         "on_front": on_front,
         "mlflow_run_id": record.run_id,
         "params": record.params,
+        "variant": record.variant.label,
         "spikes_per_pixel": record.spikes_per_pixel,
         "target_synops": record.target_synops,
         "metrics": {
@@ -72,26 +97,24 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
         "synops_per_layer": test.synops_per_layer,
         "energy_uj_per_sample": energy_per_sample(test.synops_mean),
         "input_shape": list(input_shape),
-        "input_encoding": (f"pixel value v in 0..255 becomes floor(v * {record.spikes_per_pixel + 1}"
-                           f" / 256) spikes (0..{record.spikes_per_pixel}): "
-                           "pipeline.data.encode_pixels"),
+        "num_classes": record.num_classes,
+        "network": {"factory": designed.model.factory, "args": designed.model.args,
+                    "init_seed": designed.model.init_seed},
+        "input_encoding": input_encoding(record),
         "activations": "NeuromorphicReLU: floor(relu(x)) spike counts; SumPool2d: window sums",
-        "load_with": "pipeline.model.build_model(config.model).load_state_dict("
-                     "torch.load('model.pt', weights_only=True))",
+        "load_with": "pipeline.model.build_model(ModelConfig(factory, args), input_shape, "
+                     "num_classes).load_state_dict(torch.load('model.pt', weights_only=True))",
     }
-    if nir_settings is not None:
-        from pipeline.snn import write_nir  # sinabs and nir load only when a simulation is asked for
+    if nir_graph is not None:
+        from pipeline.snn import save_nir
 
-        model = build_model(model_config)
-        model.load_state_dict(state)
-        write_nir(model, nir_settings, input_shape, out / "model.nir")
+        save_nir(nir_graph, out / "model.nir")
         card["nir"] = {
             "file": "model.nir",
             "spiking_settings": {k: getattr(nir_settings, k)
                                  for k in ("encoding", "steps", "spike_fn", "min_v_mem")},
             "input": f"{nir_settings.steps} time steps of {list(input_shape)} spike counts per "
-                     f"sample ({nir_settings.encoding} encoding over time of the 0.."
-                     f"{record.spikes_per_pixel} spikes per pixel)",
+                     f"sample ({nir_settings.encoding} encoding over time of each input's count)",
             "neurons": "NIR IF (integrate-and-fire, threshold 1, subtractive reset); NIR cannot "
                        "hold the membrane's lower bound or multi-spike output, which sinabs' "
                        "import rebuilds as -1 and multi-spike",

@@ -13,25 +13,24 @@ import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 
 from pipeline.evaluate import SpikingEvaluation  # noqa: E402
-from pipeline.front import PARAM_COLUMNS, BaseRecord, layer_column  # noqa: E402
+from pipeline.front import BaseRecord, layer_column, param_columns, variant_order  # noqa: E402
 
 
 def _marker_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     front = frame[frame["on_front"]].sort_values("test_synops_mean")
     trials, reference = frame[frame["kind"] == "trial"], frame[frame["kind"] == "reference"]
-    return trials[~trials["on_encoding_front"]], front, reference
+    return trials[~trials["on_variant_front"]], front, reference
 
 
-def _encodings(frame: pd.DataFrame, bases: dict[int, BaseRecord]
-               ) -> list[tuple[int, str, pd.DataFrame, BaseRecord | None]]:
-    """Per input encoding, largest first: its colour, its own front's trials (fewest test
-    SynOps first) and its base model, if trained."""
-    found = sorted({*bases, *frame["spikes_per_pixel"].astype(int)}, reverse=True)
+def _variants(frame: pd.DataFrame, bases: dict[str, BaseRecord]
+              ) -> list[tuple[str, str, pd.DataFrame, BaseRecord | None]]:
+    """Per variant, in `variant_order`: its label, its colour, its own front's trials (fewest
+    test SynOps first) and its base model, if trained."""
     palette = plt.get_cmap("tab10").colors
-    return [(k, matplotlib.colors.to_hex(palette[i % len(palette)]),
-             frame[(frame["spikes_per_pixel"] == k) & frame["on_encoding_front"]
-                   & (frame["kind"] == "trial")].sort_values("test_synops_mean"), bases.get(k))
-            for i, k in enumerate(found)]
+    return [(label, matplotlib.colors.to_hex(palette[i % len(palette)]),
+             frame[(frame["variant_key"] == key) & frame["on_variant_front"]
+                   & (frame["kind"] == "trial")].sort_values("test_synops_mean"), bases.get(key))
+            for i, (key, label) in enumerate(variant_order(frame, bases).items())]
 
 
 def _confirmed(members: pd.DataFrame | None) -> pd.DataFrame:
@@ -44,19 +43,19 @@ def _confirmed(members: pd.DataFrame | None) -> pd.DataFrame:
 def pareto_png(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, BaseRecord],
                knee: pd.Series | None = None, members: pd.DataFrame | None = None) -> None:
     """Test accuracy vs mean test SynOps of every finished trial (a `trials_frame`): the overall
-    front (chosen on validation) as a broad band, each input encoding's own front, base model and
-    input-layer floor in its colour, trials dominated within their encoding faded, the tutorial
+    front (chosen on validation) as a broad band, each variant's own front, base model and
+    input-layer floor in its colour, trials dominated within their variant faded, the tutorial
     recipe and knee marked, and the seed mean ± sd of each confirmed member (`members`); the
     legend sits outside the data."""
     dominated, front, reference = _marker_rows(frame)
     fig, ax = plt.subplots(figsize=(11, 5.5))
     ax.scatter(dominated["test_synops_mean"], dominated["test_accuracy"] * 100, color="0.6",
-               alpha=0.4, label="trials dominated within their encoding")
+               alpha=0.4, label="trials dominated within their variant")
     ax.plot(front["test_synops_mean"], front["test_accuracy"] * 100, "-", color="0.2", alpha=0.25,
             linewidth=9, solid_capstyle="round", label="overall Pareto front")
-    for k, colour, own, base in _encodings(frame, bases):
+    for label, colour, own, base in _variants(frame, bases):
         ax.plot(own["test_synops_mean"], own["test_accuracy"] * 100, "o-", color=colour,
-                label=f"{k} spikes/pixel: its front")
+                label=f"{label}: its front")
         if base is not None:
             ax.scatter([base.test.synops_mean], [base.test.accuracy * 100], marker="D", s=60,
                        color=colour, edgecolors="black", zorder=5)
@@ -70,8 +69,8 @@ def pareto_png(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, Bas
                     fmt="s", markersize=4, color="black", capsize=3, alpha=0.8, zorder=4,
                     label=f"front member: mean ± sd over {int(confirmed['seeds'].max())} seeds")
     ax.scatter([], [], marker="D", color="white", edgecolors="black",
-               label="unpenalised base model (its encoding's colour)")
-    ax.plot([], [], "--", color="0.4", label="input-layer floor (set by the data and encoding)")
+               label="unpenalised base model (its variant's colour)")
+    ax.plot([], [], "--", color="0.4", label="input-layer floor (set by the data and its encoding)")
     if knee is not None:
         ax.scatter([knee["test_synops_mean"]], [knee["test_accuracy"] * 100], s=260,
                    facecolors="none", edgecolors="tab:orange", linewidths=2.5, zorder=6,
@@ -90,9 +89,10 @@ def _hover(rows: pd.DataFrame) -> list[str]:
     texts = []
     for _, row in rows.iterrows():
         params = ", ".join(f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-                           for k in PARAM_COLUMNS if k in row and pd.notna(row[k]))
+                           for k in param_columns(rows) if pd.notna(row[k]))
         texts.append(
-            f"trial {int(row['trial'])} ({row['kind']})<br>{params or 'tutorial recipe'}<br>"
+            f"trial {int(row['trial'])} ({row['kind']}, {row['variant']})<br>"
+            f"{params or 'tutorial recipe'}<br>"
             f"val {row['val_accuracy']:.2%} [{row['val_accuracy_low']:.2%}, "
             f"{row['val_accuracy_high']:.2%}] at {row['val_synops_mean']:.3g} SynOps<br>"
             f"test {row['test_accuracy']:.2%} [{row['test_accuracy_low']:.2%}, "
@@ -106,16 +106,16 @@ def pareto_html(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, Ba
                 knee: pd.Series, members: pd.DataFrame | None = None) -> None:
     """The Pareto plot as interactive plotly HTML, drawn as `pareto_png`; plotly.js is written
     next to it (no CDN). The finished trials come first, one marker each (dominated within their
-    encoding, each encoding's front, the tutorial recipe), then what is drawn around them."""
+    variant, each variant's front, the tutorial recipe), then what is drawn around them."""
     dominated, front, reference = _marker_rows(frame)
-    encodings = _encodings(frame, bases)
+    variants = _variants(frame, bases)
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=dominated["test_synops_mean"], y=dominated["test_accuracy"] * 100,
-                             name="trials dominated within their encoding", text=_hover(dominated),
+                             name="trials dominated within their variant", text=_hover(dominated),
                              hoverinfo="text", mode="markers", marker={"color": "lightgray"}))
-    for k, colour, own, _ in encodings:
+    for label, colour, own, _ in variants:
         fig.add_trace(go.Scatter(x=own["test_synops_mean"], y=own["test_accuracy"] * 100,
-                                 name=f"{k} spikes/pixel: its front", text=_hover(own),
+                                 name=f"{label}: its front", text=_hover(own),
                                  hoverinfo="text", mode="lines+markers", marker={"color": colour}))
     fig.add_trace(go.Scatter(x=reference["test_synops_mean"], y=reference["test_accuracy"] * 100,
                              name="tutorial recipe", text=_hover(reference), hoverinfo="text",
@@ -124,16 +124,16 @@ def pareto_html(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, Ba
     fig.add_trace(go.Scatter(x=front["test_synops_mean"], y=front["test_accuracy"] * 100,
                              name="overall Pareto front", mode="lines", hoverinfo="skip",
                              line={"color": "rgba(0,0,0,0.2)", "width": 12}))
-    for k, colour, _, base in encodings:
+    for label, colour, _, base in variants:
         if base is not None:
             fig.add_trace(go.Scatter(
                 x=[base.test.synops_mean], y=[base.test.accuracy * 100],
-                name=f"{k} spikes/pixel: base model", mode="markers",
+                name=f"{label}: base model", mode="markers",
                 marker={"symbol": "diamond", "size": 12, "color": colour,
                         "line": {"color": "black", "width": 1}},
-                text=[f"base model, {k} spikes/pixel, MLflow run {base.run_id}"], hoverinfo="text"))
+                text=[f"base model, {label}, MLflow run {base.run_id}"], hoverinfo="text"))
             fig.add_vline(x=base.test.input_layer_synops, line_dash="dash", line_color=colour,
-                          annotation_text=f"floor, {k}/pixel")
+                          annotation_text=f"floor, {label}")
     fig.add_trace(go.Scatter(
         x=[knee["test_synops_mean"]], y=[knee["test_accuracy"] * 100],
         name=f"knee: trial {int(knee['trial'])}", mode="markers", hoverinfo="skip",
@@ -173,9 +173,10 @@ def hypervolume_png(history: pd.Series, reference: tuple[float, float], path: Pa
 def layers_png(front: pd.DataFrame, layers: dict[str, str], path: Path) -> None:
     """Per-layer test SynOps of each front member, stacked, in SynOps (left) and as shares of the
     member's total (right: readable when the members' totals differ by orders of magnitude, as
-    across input encodings); `layers` maps each counted layer's name to its label."""
-    labels = [f"trial {int(r['trial'])}\n{int(r['spikes_per_pixel'])}/px" for _, r in front.iterrows()]
-    table = front[[layer_column(name) for name in layers]].set_axis(labels)
+    across input encodings); `layers` maps each counted layer's name to its label (a layer that
+    a member's network lacks counts 0 there)."""
+    labels = [f"trial {int(r['trial'])}\n{r['variant']}" for _, r in front.iterrows()]
+    table = front[[layer_column(name) for name in layers]].fillna(0.0).set_axis(labels)
     table.columns = list(layers.values())
     width = max(6, 0.6 * len(table) + 2)
     fig, (counts, shares) = plt.subplots(1, 2, figsize=(2 * width + 3, 4.8))
@@ -183,7 +184,7 @@ def layers_png(front: pd.DataFrame, layers: dict[str, str], path: Path) -> None:
     (table.div(table.sum(axis=1), axis=0) * 100).plot.bar(stacked=True, ax=shares, rot=0,
                                                           legend=False)
     counts.set(ylabel="mean SynOps per test sample", xlabel="front member (fewest SynOps first; "
-               "spikes per pixel)", title="SynOps by weight layer")
+               "its variant)", title="SynOps by weight layer")
     shares.set(ylabel="share of the member's SynOps (%)", xlabel="front member",
                title="Share of each weight layer")
     for ax in (counts, shares):

@@ -15,20 +15,32 @@ import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
+from torch import nn
 
 from pipeline.config import ExperimentConfig, config_from_dict
-from pipeline.evaluate import Evaluation, SpikingEvaluation, energy_per_sample
+from pipeline.errors import PipelineError
+from pipeline.evaluate import (
+    Evaluation,
+    SpikingEvaluation,
+    SpikingFailure,
+    energy_per_sample,
+    spiking_result_from_record,
+)
+from pipeline.model import build_model
+from pipeline.variants import DATA_PREFIX, MODEL_PREFIX, Variant
 
 # The objectives, in Optuna's order: validation accuracy up, mean validation SynOps per sample down.
 DIRECTIONS = ("maximize", "minimize")
 OBJECTIVE_NAMES = ("val_accuracy", "val_synops_mean")
 # Study user attributes: the record a study keeps of itself (version 2 adds config and base model,
-# version 3 one base model per input encoding).
-SCHEMA_VERSION = 3
+# version 3 one base model per input encoding, version 4 one per variant and the inputs' kind and
+# fingerprints).
+SCHEMA_VERSION = 4
 ATTR_SCHEMA = "schema_version"
 ATTR_CONFIG = "config"
 ATTR_BOUNDS = "search_bounds"
-BASE_ATTR_PREFIX = "base_model."  # + spikes per pixel: that encoding's base model, once trained
+ATTR_INPUTS = "inputs"  # the data's kind and the fingerprints of data and networks
+BASE_ATTR_PREFIX = "base_model."  # + variant key: that variant's base model, once trained
 ATTR_PARENT_RUN = "mlflow_parent_run_id"
 ATTR_WORKER_STARTS = "worker_starts"  # how many workers have started on the study, anywhere
 # Trial user attributes.
@@ -39,11 +51,15 @@ ATTR_VAL = "val"
 ATTR_TEST = "test"
 ATTR_SECONDS = "seconds"
 ATTR_SURPLUS = "surplus"  # pruned at once: the study already had n_trials trials
-ATTR_ENCODING = "spikes_per_pixel"  # the trial's input encoding, searched or not
-ATTR_TARGET = "target_synops"  # the SynOps target its position resolved to, on its encoding
+ATTR_VARIANT = "variant"  # the trial's variant (encoding and searched arguments), searched or not
+ATTR_INPUT_SHAPE = "input_shape"  # (C, H, W) of its data, to rebuild its network
+ATTR_NUM_CLASSES = "num_classes"
+ATTR_TARGET = "target_synops"  # the SynOps target its position resolved to, on its variant
 ATTR_WORKER = "worker"  # host:pid of the process that ran it, to trace a trial to its machine
 # Study user attribute per member checked as a spiking network (finished trials are read-only).
 SNN_ATTR_PREFIX = "snn_check."
+# The trials table's parameter columns; searched factory and source arguments (`model.*`, `data.*`)
+# follow them.
 PARAM_COLUMNS = ("spikes_per_pixel", "penalty", "penalty_strength", "target_position",
                  "target_synops", "epochs", "lr")
 
@@ -52,11 +68,11 @@ KNEE_IDEAL = "ideal"
 KNEE_SINGLE = "single"
 
 
-class NoSuchTrialError(LookupError):
+class NoSuchTrialError(PipelineError, LookupError):
     """The study has no finished trial to choose (none yet, or not the one asked for)."""
 
 
-class StudyFormatError(RuntimeError):
+class StudyFormatError(PipelineError, RuntimeError):
     """The study lacks the record this version reads (made by an older version, or not by us)."""
 
 
@@ -70,70 +86,73 @@ class SearchBounds:
     penalties: tuple[str, ...]
     epochs: tuple[int, int] | None
     lr: tuple[float, float] | None
-    spikes_per_pixel: tuple[int, ...]  # the input encodings, largest first
+    variants: tuple[Variant, ...]  # in the study's order; the first one's base is trained first
 
     def to_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        record = dataclasses.asdict(self)
+        record["variants"] = [v.to_record() for v in self.variants]
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> SearchBounds:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+        values["variants"] = tuple(Variant.from_record(v) for v in record["variants"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
 class BaseRecord:
-    """The unpenalised base model of one input encoding, which that encoding's trials fine-tune:
-    its run, how it scored, and the range of SynOps targets searched on it (just above its
-    input-layer floor up to its own SynOps)."""
+    """The unpenalised base model of one variant, which that variant's trials fine-tune: its run,
+    how it scored, and the range of SynOps targets searched on it (just above its input-layer
+    floor up to its own SynOps)."""
 
-    spikes_per_pixel: int
+    variant: Variant
     run_id: str
     val: Evaluation
     test: Evaluation
     target_synops: tuple[float, float]
 
     def to_record(self) -> dict[str, Any]:
-        return {"spikes_per_pixel": self.spikes_per_pixel, "run_id": self.run_id,
+        return {"variant": self.variant.to_record(), "run_id": self.run_id,
                 "val": self.val.to_record(), "test": self.test.to_record(),
                 "target_synops": list(self.target_synops)}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> BaseRecord:
         low, high = record["target_synops"]
-        return cls(record["spikes_per_pixel"], record["run_id"], Evaluation.from_record(record["val"]),
-                   Evaluation.from_record(record["test"]), (low, high))
+        return cls(Variant.from_record(record["variant"]), record["run_id"],
+                   Evaluation.from_record(record["val"]), Evaluation.from_record(record["test"]),
+                   (low, high))
 
 
-def base_attr(spikes_per_pixel: int) -> str:
-    return f"{BASE_ATTR_PREFIX}{spikes_per_pixel}"
+def base_attr(variant: Variant) -> str:
+    return f"{BASE_ATTR_PREFIX}{variant.key}"
 
 
-def study_bases(study: optuna.Study) -> dict[int, BaseRecord]:
-    """The base models trained so far, by encoding (read afresh: other workers add them)."""
-    return {int(key.removeprefix(BASE_ATTR_PREFIX)): BaseRecord.from_record(value)
+def study_bases(study: optuna.Study) -> dict[str, BaseRecord]:
+    """The base models trained so far, by variant key (read afresh: other workers add them)."""
+    return {key.removeprefix(BASE_ATTR_PREFIX): BaseRecord.from_record(value)
             for key, value in study.user_attrs.items() if key.startswith(BASE_ATTR_PREFIX)}
 
 
 @dataclass(frozen=True)
 class StudyRecord:
-    """What a study stored about itself: its config, search space, parent run and the base
-    models trained so far. `base`, the largest encoding's, is trained when the study is prepared
-    and fixes the hypervolume's reference point."""
+    """What a study stored about itself: its config, search space, parent run, the kind and
+    fingerprints of its inputs, and the base models trained so far. `base`, the first variant's,
+    is trained when the study is prepared and fixes the hypervolume's reference point."""
 
     name: str
     config: ExperimentConfig
     bounds: SearchBounds
-    bases: dict[int, BaseRecord]
+    bases: dict[str, BaseRecord]
     parent_run_id: str
+    kind: str
+    num_classes: int
+    fingerprints: dict[str, Any]
 
     @property
     def base(self) -> BaseRecord:
-        return self.bases[max(self.bounds.spikes_per_pixel)]
-
-    @property
-    def layers(self) -> list[str]:
-        """The counted weight layers, in network order."""
-        return list(self.base.test.synops_per_layer)
+        return self.bases[self.bounds.variants[0].key]
 
     @classmethod
     def load(cls, study: optuna.Study) -> StudyRecord:
@@ -143,9 +162,11 @@ class StudyRecord:
                 f"study '{study.study_name}' was not prepared by this version of synops (record "
                 f"version {attrs.get(ATTR_SCHEMA)}, expected {SCHEMA_VERSION}): start a new study "
                 "under another `name`, or with other --storage/--tracking-uri stores")
+        inputs = attrs[ATTR_INPUTS]
         return cls(study.study_name, config_from_dict(attrs[ATTR_CONFIG]),
                    SearchBounds.from_record(attrs[ATTR_BOUNDS]), study_bases(study),
-                   attrs[ATTR_PARENT_RUN])
+                   attrs[ATTR_PARENT_RUN], inputs["kind"], inputs["num_classes"],
+                   inputs["fingerprints"])
 
 
 @dataclass(frozen=True)
@@ -155,18 +176,30 @@ class TrialRecord:
     number: int
     kind: str  # "trial" or "reference"
     params: dict[str, Any]
-    spikes_per_pixel: int
+    variant: Variant
+    input_shape: tuple[int, int, int]
+    num_classes: int
     target_synops: float
     val: Evaluation
     test: Evaluation
     seconds: float
     run_id: str
 
+    @property
+    def spikes_per_pixel(self) -> int | None:
+        """Its input encoding (None: spike-count data, used as they are)."""
+        return self.variant.spikes_per_pixel
+
+    def network(self, config: ExperimentConfig) -> nn.Module:
+        """A fresh network of its variant (of the study's `config`), to load its checkpoint into."""
+        return build_model(self.variant.apply(config).model, self.input_shape, self.num_classes)
+
     @classmethod
     def from_trial(cls, trial: FrozenTrial) -> TrialRecord:
         attrs = trial.user_attrs
         return cls(trial.number, "reference" if attrs.get(ATTR_REFERENCE) else "trial",
-                   dict(trial.params), attrs[ATTR_ENCODING], attrs[ATTR_TARGET],
+                   dict(trial.params), Variant.from_record(attrs[ATTR_VARIANT]),
+                   tuple(attrs[ATTR_INPUT_SHAPE]), attrs[ATTR_NUM_CLASSES], attrs[ATTR_TARGET],
                    Evaluation.from_record(attrs[ATTR_VAL]), Evaluation.from_record(attrs[ATTR_TEST]),
                    attrs.get(ATTR_SECONDS, math.nan), attrs[ATTR_RUN_ID])
 
@@ -176,13 +209,34 @@ def finished_trials(study: optuna.Study) -> list[TrialRecord]:
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
+def param_columns(frame: pd.DataFrame) -> list[str]:
+    """The trials table's parameter columns present in `frame`: the penalty's and the searched
+    arguments of the network factory and the data source."""
+    return ([c for c in PARAM_COLUMNS if c in frame]
+            + [c for c in frame.columns if c.startswith((MODEL_PREFIX, DATA_PREFIX))])
+
+
+def variant_order(frame: pd.DataFrame, bases: dict[str, BaseRecord]) -> dict[str, str]:
+    """Every variant with a base model or a trial, by key, in a stable order (largest encoding
+    first, then by key), with its label: the order of the report's colours and rows."""
+    found = {key: (base.variant.spikes_per_pixel, base.variant.label) for key, base in bases.items()}
+    if not frame.empty:
+        for _, row in frame.drop_duplicates("variant_key").iterrows():
+            encoding = row.get("spikes_per_pixel")
+            found.setdefault(row["variant_key"], (None if pd.isna(encoding) else int(encoding),
+                                                  row["variant"]))
+    ordered = sorted(found.items(), key=lambda item: (-(item[1][0] or 0), item[0]))
+    return {key: label for key, (_, label) in ordered}
+
+
 def snn_attr(trial: int) -> str:
     return f"{SNN_ATTR_PREFIX}{trial}"
 
 
-def spiking_checks(study: optuna.Study) -> dict[int, SpikingEvaluation]:
-    """The latest spiking check of each member that has one, by trial number."""
-    return {int(key.removeprefix(SNN_ATTR_PREFIX)): SpikingEvaluation.from_record(value)
+def spiking_checks(study: optuna.Study) -> dict[int, SpikingEvaluation | SpikingFailure]:
+    """The latest spiking check of each member that has one (its result, or why it could not be
+    simulated), by trial number."""
+    return {int(key.removeprefix(SNN_ATTR_PREFIX)): spiking_result_from_record(value)
             for key, value in study.user_attrs.items() if key.startswith(SNN_ATTR_PREFIX)}
 
 
@@ -203,7 +257,10 @@ def _row(record: TrialRecord) -> dict[str, Any]:
         "trial": record.number,
         "kind": record.kind,
         **{k: record.params.get(k) for k in PARAM_COLUMNS},
+        **{k: v for k, v in record.params.items() if k.startswith((MODEL_PREFIX, DATA_PREFIX))},
         "spikes_per_pixel": record.spikes_per_pixel,
+        "variant": record.variant.label,
+        "variant_key": record.variant.key,
         "target_synops": record.target_synops,
         "val_accuracy": record.val.accuracy,
         "val_accuracy_low": val_low,
@@ -226,12 +283,14 @@ def _row(record: TrialRecord) -> dict[str, Any]:
 
 
 SNN_COLUMNS = ("snn_test_accuracy", "snn_ann_accuracy", "snn_agreement", "snn_synops_ratio",
-               "snn_samples", "snn_settings")
+               "snn_samples", "snn_settings", "snn_failure")
 
 
-def _snn_row(check: SpikingEvaluation | None) -> dict[str, Any]:
+def _snn_row(check: SpikingEvaluation | SpikingFailure | None) -> dict[str, Any]:
     if check is None:
         return dict.fromkeys(SNN_COLUMNS)
+    if isinstance(check, SpikingFailure):
+        return dict.fromkeys(SNN_COLUMNS) | {"snn_failure": check.reason}
     settings = check.settings
     return {"snn_test_accuracy": check.accuracy, "snn_ann_accuracy": check.ann_accuracy,
             "snn_agreement": check.agreement,
@@ -242,24 +301,24 @@ def _snn_row(check: SpikingEvaluation | None) -> dict[str, Any]:
 
 def non_dominated(accuracy: pd.Series, synops: pd.Series) -> pd.Series:
     """Which rows no other row beats on both accuracy (up) and SynOps (down). Hand-written for the
-    fronts within one encoding: Optuna computes the study's front only."""
+    fronts within one variant: Optuna computes the study's front only."""
     return pd.Series([not bool(((accuracy >= a) & (synops <= s) & ((accuracy > a) | (synops < s))).any())
                       for a, s in zip(accuracy, synops, strict=True)], index=accuracy.index)
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per finished trial, whether it is on the Pareto front (Optuna's `best_trials`,
-    computed on the validation objectives) and on the front of its own input encoding.
-    Parameters a study never searched are left out."""
+    computed on the validation objectives) and on the front of its own variant. Parameters a
+    study never searched are left out."""
     front = {t.number for t in study.best_trials}
     checks = spiking_checks(study)
     frame = pd.DataFrame([_row(r) | {"on_front": r.number in front} | _snn_row(checks.get(r.number))
                           for r in finished_trials(study)])
     if frame.empty:
         return frame
-    frame["on_encoding_front"] = pd.concat(
+    frame["on_variant_front"] = pd.concat(
         [non_dominated(rows["val_accuracy"], rows["val_synops_mean"])
-         for _, rows in frame.groupby("spikes_per_pixel")]).sort_index()
+         for _, rows in frame.groupby("variant_key")]).sort_index()
     unused = [c for c in (*PARAM_COLUMNS, *SNN_COLUMNS) if frame[c].isna().all()]
     return frame.drop(columns=unused)
 
@@ -346,7 +405,7 @@ def hypervolume_reference(record: StudyRecord) -> tuple[float, float]:
     """The reference point (validation accuracy, SynOps) the hypervolume is measured from: chance
     accuracy for the dataset, and the unpenalised base model's SynOps. Fixed for the whole study, so
     hypervolumes of different moments compare, on any dataset."""
-    return 1.0 / record.config.model.num_classes, record.base.val.synops_mean
+    return 1.0 / record.num_classes, record.base.val.synops_mean
 
 
 def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
@@ -542,7 +601,7 @@ def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool)
     counts = study_counts(study)
     rows = "\n".join(
         f"| {int(r['trial'])}{' (knee)' if r['trial'] == knee['trial'] else ''} | "
-        f"{int(r['spikes_per_pixel'])} | {r['val_accuracy']:.2%} | {r['val_synops_mean']:.3g} | "
+        f"{r['variant']} | {r['val_accuracy']:.2%} | {r['val_synops_mean']:.3g} | "
         f"{r['test_accuracy']:.2%} | {r['test_synops_mean']:.3g} | `{r['mlflow_run_id']}` |"
         for _, r in front.iterrows())
     files = ["`front.csv`", "`pareto.png`"] + (
@@ -552,11 +611,10 @@ def parent_run_tags(study: optuna.Study, frame: pd.DataFrame, with_report: bool)
             f"{counts.finished} finished, {counts.failed} failed, {counts.running} running trials. "
             "Front chosen on validation, fewest SynOps first (single runs; the knee is chosen on "
             "the seed means once the front is confirmed):\n\n"
-            "| trial | spikes/pixel | val accuracy | val SynOps | test accuracy | test SynOps | run |\n"
+            "| trial | variant | val accuracy | val SynOps | test accuracy | test SynOps | run |\n"
             "|---:|---:|---:|---:|---:|---:|---|\n"
             f"{rows}\n\n"
-            f"**Knee: trial {int(knee['trial'])}** ({int(knee['spikes_per_pixel'])} spikes per "
-            f"pixel), {knee['test_accuracy']:.2%} at "
+            f"**Knee: trial {int(knee['trial'])}** ({knee['variant']}), {knee['test_accuracy']:.2%} at "
             f"{knee['test_synops_mean']:.3g} SynOps per test sample. Filter the front's runs with "
             f"`tags.{FRONT_TRIALS_TAG}` on this run, or `tags.trial_number` on the child runs.\n\n"
             f"Files logged under this run: {', '.join(files)}.\n")

@@ -18,11 +18,11 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from pipeline.evaluate import CHIP_PROFILES
+from pipeline.errors import EXIT_BAD_INPUT, PipelineError
+from pipeline.evaluate import CHIP_PROFILES, SpikingEvaluation
 from pipeline.figures import hypervolume_png, layers_png, pareto_html, pareto_png, snn_layers_png
 from pipeline.front import (
     ATTR_SECONDS,
-    PARAM_COLUMNS,
     SEED_COLUMNS,
     SNN_COLUMNS,
     BaseRecord,
@@ -32,28 +32,33 @@ from pipeline.front import (
     choose,
     detectable_difference,
     energy_column,
+    finished_trials,
     hypervolume_history,
     hypervolume_reference,
     indistinguishable_neighbours,
     layer_column,
+    param_columns,
     parent_run_tags,
     spiking_checks,
     study_counts,
     trials_frame,
+    variant_order,
 )
-from pipeline.model import build_model
+from pipeline.model import describe_model, parameter_count
 from pipeline.tracking import Tracker
 
 # Written into every report folder: only a folder holding it is ever replaced by a new report.
 MARKER = ".synops-report"
 
 
-class EmptyStudyError(RuntimeError):
+class EmptyStudyError(PipelineError, RuntimeError):
     """The study has no finished trial to report on."""
 
 
-class UnsafeOutputError(ValueError):
+class UnsafeOutputError(PipelineError, ValueError):
     """The output folder holds something a report did not write; it is left alone."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def _with_interval(row: pd.Series, split: str) -> str:
@@ -68,9 +73,9 @@ def _mean_sd(mean: float, sd: float) -> str:
 
 def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "seneca")) -> pd.DataFrame:
     """The front formatted for people: percentages, 3 significant digits, short run ids."""
-    shown = pd.DataFrame({"trial": front["trial"], "kind": front["kind"]})
-    for column in PARAM_COLUMNS:
-        if column in front:
+    shown = pd.DataFrame({"trial": front["trial"], "kind": front["kind"], "variant": front["variant"]})
+    for column in param_columns(front):
+        if column != "spikes_per_pixel":  # the variant says it
             shown[column] = front[column].map(
                 lambda v: "" if pd.isna(v) else (f"{v:.3g}" if isinstance(v, float) else str(v)))
     shown["val acc [95% CI]"] = [_with_interval(r, "val") for _, r in front.iterrows()]
@@ -86,10 +91,13 @@ def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "senec
     shown["p95"] = front["test_synops_p95"].map("{:.3g}".format)
     for chip in chips:
         shown[f"µJ/sample {chip}"] = front[energy_column(chip)].map("{:.3g}".format)
-    if "snn_test_accuracy" in front:
-        checked = front["snn_test_accuracy"].notna()
-        shown["SNN acc"] = front["snn_test_accuracy"].map("{:.2%}".format).where(checked, "")
-        shown["SNN/ANN SynOps"] = front["snn_synops_ratio"].map("{:.4f}".format).where(checked, "")
+    if "snn_test_accuracy" in front or "snn_failure" in front:
+        accuracy = front.get("snn_test_accuracy", pd.Series(float("nan"), index=front.index))
+        ratio = front.get("snn_synops_ratio", pd.Series(float("nan"), index=front.index))
+        failed = front.get("snn_failure", pd.Series(None, index=front.index)).notna()
+        shown["SNN acc"] = accuracy.map("{:.2%}".format).where(accuracy.notna(), "")
+        shown["SNN acc"] = shown["SNN acc"].where(~failed, "not simulated (below)")
+        shown["SNN/ANN SynOps"] = ratio.map("{:.4f}".format).where(ratio.notna(), "")
     shown["MLflow run"] = front["mlflow_run_id"].str[:8]
     return shown
 
@@ -99,28 +107,28 @@ def budget_table(candidates: pd.DataFrame, budgets: list[float]) -> pd.DataFrame
     rows = []
     for budget, best in best_within_budgets(candidates, budgets):
         if best is None:
-            rows.append({"budget": f"{budget:.3g}", "trial": "none fits", "spikes/pixel": "",
+            rows.append({"budget": f"{budget:.3g}", "trial": "none fits", "variant": "",
                          "val accuracy": "", "test accuracy": "", "test SynOps": ""})
             continue
         rows.append({"budget": f"{budget:.3g}", "trial": int(best["trial"]),
-                     "spikes/pixel": int(best["spikes_per_pixel"]),
+                     "variant": best["variant"],
                      "val accuracy": f"{best['val_accuracy']:.2%}",
                      "test accuracy": _mean_sd(best["test_accuracy_mean"], best["test_accuracy_sd"]),
                      "test SynOps": f"{best['test_synops_mean_mean']:.3g}"})
     return pd.DataFrame(rows)
 
 
-def encoding_table(frame: pd.DataFrame, bases: dict[int, BaseRecord]) -> pd.DataFrame:
-    """One row per input encoding: its floor and base model, how many trials tried it, and the
-    ends of its own front (chosen on validation; test numbers shown)."""
+def variant_table(frame: pd.DataFrame, bases: dict[str, BaseRecord]) -> pd.DataFrame:
+    """One row per variant: its floor and base model, how many trials tried it, and the ends of
+    its own front (chosen on validation; test numbers shown)."""
     rows = []
-    for k in sorted({*bases, *frame["spikes_per_pixel"].astype(int)}, reverse=True):
-        trials = frame[(frame["spikes_per_pixel"] == k) & (frame["kind"] == "trial")]
-        front = trials[trials["on_encoding_front"]].sort_values("val_synops_mean")
-        base = bases.get(k)
+    for key, label in variant_order(frame, bases).items():
+        trials = frame[(frame["variant_key"] == key) & (frame["kind"] == "trial")]
+        front = trials[trials["on_variant_front"]].sort_values("val_synops_mean")
+        base = bases.get(key)
         ends = [front.iloc[0], front.iloc[-1]] if len(front) else []
         rows.append({
-            "spikes/pixel": k,
+            "variant": label,
             "input-layer floor": f"{base.test.input_layer_synops:.3g}" if base else "",
             "base model": (f"{base.test.accuracy:.2%} at {base.test.synops_mean:.3g}" if base
                            else "not trained"),
@@ -151,21 +159,25 @@ def _comparison(knee: pd.Series, name: str, accuracy: float, synops: float) -> s
 def _spiking_blocks(front: pd.DataFrame, knee: pd.Series) -> list[tuple[str, object]]:
     """What the spiking check found for the front members that have one (`synops snn`), and the
     knee's per-layer figure when the knee is among them."""
-    if "snn_test_accuracy" not in front:
+    accuracy = front.get("snn_test_accuracy", pd.Series(float("nan"), index=front.index))
+    failure = front.get("snn_failure", pd.Series(None, index=front.index))
+    if accuracy.isna().all() and failure.isna().all():
         return [("p", "No front member has been checked as a spiking network yet: "
                       "`synops snn --config <config> --front` does it.")]
-    checked = front[front["snn_test_accuracy"].notna()]
     rows = [f"trial {int(r['trial'])}: SNN {r['snn_test_accuracy']:.2%} vs ANN "
             f"{r['snn_ann_accuracy']:.2%} on the same {int(r['snn_samples'])} test images "
             f"({r['snn_agreement']:.1%} same predictions), SynOps {r['snn_synops_ratio']:.4f} x the "
             f"ANN estimate; {r['snn_settings']}"
-            for _, r in checked.iterrows()]
+            for _, r in front[accuracy.notna()].iterrows()]
+    rows += [f"trial {int(r['trial'])}: not simulated as a spiking network: {r['snn_failure']}"
+             for _, r in front[failure.notna()].iterrows()]
     blocks: list[tuple[str, object]] = [
         ("h2", "Checked as a spiking network"),
         ("p", "Each checked member simulated with sinabs integrate-and-fire neurons (subtractive "
               "reset) on the first images of the test set (`SNN acc` in the front table is on "
               "those images); the SNN's SynOps measured over all time steps against the ANN's "
-              "estimate on the same images."),
+              "estimate on the same images. A member whose network has no spiking equivalent "
+              "says which layer and why."),
         ("list", rows)]
     knee_checked = pd.notna(knee.get("snn_test_accuracy"))
     return blocks + ([("img", "snn_layers.png")] if knee_checked else [])
@@ -202,12 +214,13 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
     config = record.config
     counts = study_counts(study)
     wall, training = _duration(study)
-    weights = sum(p.numel() for p in build_model(config.model).parameters())
     front, knee, member = choice.members, choice.knee, choice.knee_member
-    encoding = int(member["spikes_per_pixel"])
-    # Its encoding's base model, and the largest encoding's; the tutorial's reference trial may
-    # use an encoding the study does not search, which then has none.
-    bases = {b.spikes_per_pixel: b for b in (record.bases.get(encoding), record.base) if b}
+    chosen = next(r for r in finished_trials(study) if r.number == int(member["trial"]))
+    designed = chosen.variant.apply(config)
+    weights = parameter_count(chosen.network(config))
+    # Its variant's base model, and the first variant's; the tutorial's reference trial may use
+    # a variant the study does not search, which then has none.
+    bases = {b.variant.label: b for b in (record.bases.get(chosen.variant.key), record.base) if b}
     run_id = member["mlflow_run_id"]
     best = choice.candidates["val_accuracy"].max()
     detectable = detectable_difference(best, int(member["val_samples"]))
@@ -217,10 +230,10 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
                 f"{member['test_accuracy_sd'] * 100:.2f} (mean ± sd)." if seeds > 1 else "")
     return [
         ("h1", f"Accuracy vs SynOps: study `{study.study_name}`"),
-        ("p", f"Dataset **{config.data.dataset}** (validation: {config.data.val_size} held-out "
-              f"training images; test set only reported). Model: conv channels "
-              f"{config.model.channels}, kernels {config.model.kernel_sizes}, sum pooling "
-              f"{config.model.pooling}, {weights:,} weights. "
+        ("p", f"Data: source **{config.data.source}** ({record.kind}; validation: "
+              f"{int(member['val_samples'])} samples held out of the training samples unless the "
+              f"source gives them; the test set is only reported). Network of the knee: "
+              f"`{describe_model(designed.model)}`, {weights:,} weights. "
               f"Trials: {counts.finished} finished, {counts.failed} failed, "
               f"{counts.running} running; {wall.total_seconds() / 60:.1f} min wall clock, "
               f"{training / 60:.1f} min of training runs."),
@@ -232,35 +245,36 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
               "SynOps first; test numbers and energy per sample on two chip profiles. "
               "All chip profiles and per-layer SynOps are in [front.csv](front.csv)."),
         ("table", display_front(front)),
-        ("h2", "Input encodings"),
-        ("p", "How many spikes a pixel becomes is a design choice: pixel value 0..255 becomes "
-              "0..k spikes (k = spikes/pixel; equal-width bins). Fewer input spikes lower the "
-              "input-layer floor, the SynOps no training can remove, on the same task. Each "
-              "encoding has its own unpenalised base model, which its trials fine-tune; the "
-              "figure draws each encoding's own front in its colour and its floor as a dashed "
-              "line."),
-        ("table", encoding_table(frame, record.bases)),
+        ("h2", "Variants"),
+        ("p", "Each variant is one design the study compares: an input encoding (how many spikes "
+              "a pixel becomes: pixel value 0..255 becomes 0..k spikes, k = spikes/px, equal-width "
+              "bins; spike-count data is used as it is) and one value of each searched argument "
+              "of the network and the data source. Fewer input spikes lower the input-layer "
+              "floor, the SynOps no training can remove. Each variant has its own unpenalised "
+              "base model, which its trials fine-tune; the figure draws each variant's own front "
+              "in its colour and its floor as a dashed line."),
+        ("table", variant_table(frame, record.bases)),
         ("h2", f"Knee: trial {int(member['trial'])}"),
         ("p", f"Test accuracy **{_with_interval(member, 'test')}** "
               f"(95% interval) at **{member['test_synops_mean']:.3g}** SynOps per sample (p95 "
-              f"{member['test_synops_p95']:.3g}), input encoding **{encoding} spikes per pixel**."
+              f"{member['test_synops_p95']:.3g}), variant **{chosen.variant.label}**."
               f"{on_seeds} Rule"
               f"{' (on the validation seed means)' if seeds > 1 else ''}: {knee.explanation()}."),
-        ("list", [_comparison(member, f"unpenalised base model ({k} spikes/pixel)",
-                              b.test.accuracy, b.test.synops_mean) for k, b in bases.items()]
-         + [_comparison(member, "tutorial recipe (255 spikes/pixel)", r["test_accuracy"],
+        ("list", [_comparison(member, f"unpenalised base model ({label})",
+                              b.test.accuracy, b.test.synops_mean) for label, b in bases.items()]
+         + [_comparison(member, f"tutorial recipe ({r['variant']})", r["test_accuracy"],
                         r["test_synops_mean"])
             for _, r in frame[frame["kind"] == "reference"].iterrows()]
-         + [f"input-layer floor of its encoding: {member[layer_column(record.layers[0])]:.3g} "
-            "SynOps per sample (its first layer's) are set by the data and its encoding and "
-            "cannot be trained away"]),
-        *_noise_blocks(choice, detectable, config.data.val_size),
+         + [f"input-layer floor of its variant: {chosen.test.input_layer_synops:.3g} SynOps per "
+            "sample (its first layer's) are set by the data and its encoding and cannot be "
+            "trained away"]),
+        *_noise_blocks(choice, detectable, int(member["val_samples"])),
         *_spiking_blocks(front, member),
         ("h2", "Best accuracy within a SynOps budget"),
         ("p", "Chosen on validation among the front members (on their seed means where "
               "confirmed): within each budget, the fewest SynOps among the members that the seeds "
               "cannot tell apart from the most accurate one (gap within 1.96 x the standard error "
-              "of the difference of the two seed means), whatever its input encoding."),
+              "of the difference of the two seed means), whatever its variant."),
         ("table", budget_table(choice.candidates, budgets)),
         ("h2", "Energy per sample of the knee"),
         ("table", pd.DataFrame([
@@ -270,9 +284,8 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
         ("h2", "Progress of the search"),
         ("p", f"Hypervolume of the validation front after each trial, measured from the reference "
               f"point accuracy {reference_point[0]:.0%} (chance level for "
-              f"{config.model.num_classes} classes) and {reference_point[1]:.3g} SynOps (the base "
-              f"model's of the largest encoding, {record.base.spikes_per_pixel} spikes/pixel, "
-              "validation)."),
+              f"{record.num_classes} classes) and {reference_point[1]:.3g} SynOps (the base "
+              f"model's of the first variant, {record.base.variant.label}, validation)."),
         ("img", "hypervolume.png"),
         ("img", "layers.png"),
         ("h2", "Open the chosen run"),
@@ -355,9 +368,11 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
     choice = choose(study, frame)
     front, member = choice.members, choice.knee_member
     reference_point = hypervolume_reference(record)
-    model = build_model(record.config.model)
-    modules = dict(model.named_modules())
-    layers = {name: f"{name}: {type(modules[name]).__name__}" for name in record.layers}
+    records = {r.number: r for r in finished_trials(study)}
+    members = [records[int(n)] for n in front["trial"]]
+    knee_modules = dict(records[int(member["trial"])].network(record.config).named_modules())
+    layers = {name: f"{name}: {type(knee_modules[name]).__name__}" if name in knee_modules else name
+              for name in dict.fromkeys(n for r in members for n in r.test.synops_per_layer)}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide the report from a web server or a colleague
@@ -369,15 +384,15 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
         hypervolume_png(hypervolume_history(frame, reference_point), reference_point,
                         staging / "hypervolume.png")
         layers_png(front, layers, staging / "layers.png")
-        checks = spiking_checks(study)
-        if int(member["trial"]) in checks:
-            snn_layers_png(checks[int(member["trial"])], layers, int(member["trial"]),
-                           staging / "snn_layers.png")
-        columns = ["trial", "kind", *[c for c in PARAM_COLUMNS if c in front], "on_encoding_front",
+        check = spiking_checks(study).get(int(member["trial"]))
+        if isinstance(check, SpikingEvaluation):
+            snn_layers_png(check, {n: label for n, label in layers.items() if n in check.synops_per_layer},
+                           int(member["trial"]), staging / "snn_layers.png")
+        columns = ["trial", "kind", "variant", *param_columns(front), "on_variant_front",
                    "val_accuracy", "val_accuracy_low", "val_accuracy_high", "val_synops_mean",
                    "test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_synops_mean",
                    "test_synops_p50", "test_synops_p95", "test_synops_max", *SEED_COLUMNS,
-                   *[layer_column(name) for name in record.layers],
+                   *[layer_column(name) for name in layers],
                    *[energy_column(chip) for chip in CHIP_PROFILES],
                    *[c for c in SNN_COLUMNS if c in front], "mlflow_run_id"]
         front[columns].to_csv(staging / "front.csv", index=False)

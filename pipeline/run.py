@@ -23,9 +23,10 @@ import torch  # noqa: E402
 
 from pipeline.config import ExperimentConfig, flatten  # noqa: E402
 from pipeline.data import Dataset, load_dataset  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.evaluate import Evaluation, energy_per_sample, evaluate  # noqa: E402
 from pipeline.interrupt import shielded  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
+from pipeline.model import build_model, check_network, model_fingerprint  # noqa: E402
 from pipeline.tracking import TAG_BASE_KEY, TAG_ROLE, Tracker, TrackingError  # noqa: E402
 from pipeline.train import EpochStats, TrainHistory, train  # noqa: E402
 
@@ -104,7 +105,7 @@ def run_tracked(
             on_start(run.run_id)
         run.log_params(run_params(config) | dict(extra_params or {}))
         run.log_text(config.to_toml(), "config.toml")
-        model = build_model(config.model).to(config.device)
+        model = build_model(config.model, dataset.input_shape, dataset.num_classes).to(config.device)
         if init_state is not None:
             model.load_state_dict(init_state)
 
@@ -154,18 +155,20 @@ def load_base_model(tracker: Tracker, run_id: str) -> BaseModel:
 
 def ensure_base_model(
     config: ExperimentConfig, dataset: Dataset, tracker: Tracker, experiment_id: str,
-    progress: bool = True, should_stop: Callable[[], bool] = lambda: False,
+    fingerprints: Mapping[str, str], progress: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> BaseModel:
     """Reuse the finished base-model run for this data + model + pretraining, or train and log one.
 
-    Runs are matched by `ExperimentConfig.base_model_key()`, so changing any of those retrains. A
-    cached run whose checkpoint is missing or truncated is re-tagged `base-unusable` (with the
-    reason) and a new base model is trained.
+    Runs are matched by `ExperimentConfig.base_model_key(fingerprints)` (the data's and the
+    network's fingerprints included), so changing any of those retrains. A cached run whose
+    checkpoint is missing or truncated is re-tagged `base-unusable` (with the reason) and a new
+    base model is trained.
     """
     if config.pretrain is None:
         raise ValueError("the config has no [pretrain] table, so there is no base model")
-    key = config.base_model_key()
+    key = config.base_model_key(fingerprints)
     tags = {TAG_ROLE: "base", TAG_BASE_KEY: key}
     run_id = tracker.find_finished_run(experiment_id, tags)
     if run_id is not None:
@@ -182,26 +185,39 @@ def ensure_base_model(
     return BaseModel(result.run_id, result.state_dict, result.val, result.test)
 
 
-def run_experiment(config: ExperimentConfig, tracker: Tracker, progress: bool = True,
+def _checkpoint_for(network: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict at `path`, checked to fit `network`; `ConfigError("train.init_from")` if it
+    cannot be read or does not fit."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        network.load_state_dict(state)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise ConfigError("train.init_from", f"cannot start from checkpoint {path}: {err}") from None
+    return state
+
+
+def run_experiment(config: ExperimentConfig, tracking_uri: str, progress: bool = True,
                    should_stop: Callable[[], bool] = lambda: False,
                    on_epoch: Callable[[str, EpochStats], None] | None = None) -> RunResult:
-    """`synops train`: load the data, warm-start as configured (`train.init_from`, else the base
-    model, else from scratch), train, evaluate, log. `on_epoch` gets the stage's name with each
-    epoch's numbers."""
-    dataset = load_dataset(config.data).to(config.device)
-    experiment_id = tracker.experiment(config.name)
+    """`synops train`: load and check the data and the network (a `ConfigError` before the
+    tracking store is opened), warm-start as configured (`train.init_from`, else the base model,
+    else from scratch), train, evaluate, log. `on_epoch` gets the stage's name with each epoch's
+    numbers."""
+    dataset = load_dataset(config.data)
+    network = build_model(config.model, dataset.input_shape, dataset.num_classes)
+    check_network(network, dataset.train.images, dataset.num_classes)
+    fingerprints = {"data": dataset.fingerprint, "model": model_fingerprint(config.model, network)["hash"]}
     tags = {TAG_ROLE: "train"}
     init_state = None
     if config.train.init_from:
-        path = Path(config.train.init_from)
-        try:
-            init_state = torch.load(path, weights_only=True, map_location="cpu")
-        except (OSError, RuntimeError) as err:
-            raise FileNotFoundError(f"train.init_from: cannot load checkpoint {path}: {err}") from err
-        tags["synops.init_from"] = str(path)
-    elif config.pretrain is not None:
-        base = ensure_base_model(config, dataset, tracker, experiment_id, progress, should_stop,
-                                 on_epoch and (lambda stats: on_epoch("base model", stats)))
+        init_state = _checkpoint_for(network, Path(config.train.init_from))
+        tags["synops.init_from"] = config.train.init_from
+    dataset = dataset.to(config.device)
+    tracker = Tracker(tracking_uri)
+    experiment_id = tracker.experiment(config.name)
+    if init_state is None and config.pretrain is not None:
+        base = ensure_base_model(config, dataset, tracker, experiment_id, fingerprints, progress,
+                                 should_stop, on_epoch and (lambda stats: on_epoch("base model", stats)))
         init_state, tags["synops.base_run_id"] = base.state_dict, base.run_id
     return run_tracked(config, dataset, tracker, experiment_id, tags, init_state=init_state,
                        run_name="train", progress=progress, should_stop=should_stop,

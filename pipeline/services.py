@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+
 DEFAULT_FOLDER = Path(".services")
 STATE_FILE = "services.json"
 DB_USER = "synops"
@@ -35,7 +37,7 @@ SYSTEM_USER = "postgres"  # Debian's package creates it
 START_TIMEOUT = 180  # seconds for the MLflow server's first start (it migrates its database)
 
 
-class ServicesError(RuntimeError):
+class ServicesError(PipelineError, RuntimeError):
     """A server cannot be started or reached; the message says why and what to do."""
 
 

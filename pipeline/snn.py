@@ -28,9 +28,40 @@ from tqdm import tqdm
 
 from pipeline.config import SNNConfig
 from pipeline.data import Split, batches
-from pipeline.evaluate import SpikingEvaluation, evaluate
+from pipeline.errors import PipelineError
+from pipeline.evaluate import SpikingEvaluation, SpikingFailure, evaluate
 from pipeline.layers import NeuromorphicReLU, SumPool2d
 from pipeline.synops import SynOpsCounter
+
+# Leaf modules a spiking network runs step by step with the same result, summed over time, as the
+# ANN on the counts: they are linear (weights without bias, sums, reshapes) or are the spiking
+# activation itself. Anything else (max or average pooling, batch norm, other activations, a
+# module of the user's own) computes something else on each step's spikes than on their sum.
+TIME_LINEAR_LEAVES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Flatten, nn.Unflatten, nn.Identity,
+                      nn.Dropout, nn.Dropout2d, SumPool2d, NeuromorphicReLU)
+FIXES = {nn.MaxPool2d: "use SumPool2d (pipeline.layers): a chip sums spikes",
+         nn.AvgPool2d: "use SumPool2d (pipeline.layers), which sums the spikes of a window",
+         nn.BatchNorm2d: "fold it into the conv before it, or leave it out: its shift would be "
+                         "added at every time step"}
+
+
+def spiking_obstacles(model: nn.Module) -> list[str]:
+    """Why `model` cannot run as a spiking network with the ANN's meaning, layer by layer (empty
+    when it can): a leaf module that is not linear in time, or a weight layer with a bias (added
+    at every step, so the spiking network's sum is not the ANN's)."""
+    found = []
+    for name, module in model.named_modules():
+        if list(module.children()):
+            continue
+        if not isinstance(module, TIME_LINEAR_LEAVES):
+            fix = next((f for kind, f in FIXES.items() if isinstance(module, kind)),
+                       "replace it with layers that are linear in time and NeuromorphicReLU")
+            found.append(f"layer '{name}' ({type(module).__name__}) gives a spiking network another "
+                         f"result than the ANN: {fix}")
+        elif getattr(module, "bias", None) is not None:
+            found.append(f"layer '{name}' ({type(module).__name__}) has a bias, which a spiking "
+                         "network adds at every time step: build it with bias=False")
+    return found
 
 
 def to_spiking(model: nn.Module, config: SNNConfig) -> nn.Module:
@@ -125,20 +156,45 @@ def simulate(model: nn.Module, split: Split, config: SNNConfig,
     )
 
 
-def simulate_with_progress(model: nn.Module, split: Split, config: SNNConfig, label: str,
-                           progress: bool) -> SpikingEvaluation:
+def check_spiking(model: nn.Module, split: Split, config: SNNConfig, label: str,
+                  progress: bool) -> SpikingEvaluation | SpikingFailure:
+    """`simulate` with a progress bar, or why the network cannot be simulated: its
+    `spiking_obstacles`, or the layer where sinabs' conversion or the simulation failed."""
+    obstacles = spiking_obstacles(model)
+    if obstacles:
+        return SpikingFailure("; ".join(obstacles))
+    current: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _, __, n=name: current.append(n))
+             for name, m in model.named_modules() if name]
     total = min(len(split), config.max_samples) if config.max_samples else len(split)
-    with tqdm(total=total, desc=label, unit="image", disable=not progress, leave=False) as bar:
-        return simulate(model, split, config, on_batch=bar.update)
+    try:
+        with tqdm(total=total, desc=label, unit="image", disable=not progress, leave=False) as bar:
+            return simulate(model, split, config, on_batch=bar.update)
+    except (RuntimeError, ValueError, TypeError) as err:
+        where = f" (in layer '{current[-1]}')" if current else ""
+        return SpikingFailure(f"sinabs could not run it as a spiking network{where}: "
+                              f"{type(err).__name__}: {err}")
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
-def write_nir(model: nn.Module, config: SNNConfig, input_shape: tuple[int, ...], path: Path) -> None:
-    """Write the spiking network as NIR (`nir.read` reads it; `sinabs.nir.from_nir` rebuilds it).
+class SpikingConversionError(PipelineError):
+    """The network has no spiking equivalent that sinabs or NIR can hold; the message names the
+    layer and why."""
+
+
+def nir_graph_of(model: nn.Module, config: SNNConfig, input_shape: tuple[int, ...]) -> nir.NIRGraph:
+    """The spiking network as a NIR graph (`save_nir` writes it; `sinabs.nir.from_nir` rebuilds
+    it). Raises `SpikingConversionError` naming the layer when there is none.
 
     sinabs' export leaves convolutions' input shapes and the flatten's input type empty, which NIR's
     writer refuses; they are filled in from one forward pass. NIR's IF neuron carries neither the
     lower bound of the membrane nor multi-spike output: sinabs' import rebuilds both as -1 and
     multi-spike, our default."""
+    obstacles = spiking_obstacles(model)
+    if obstacles:
+        raise SpikingConversionError("; ".join(obstacles))
     spiking = to_spiking(model, config)
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [module.register_forward_pre_hook(
@@ -150,14 +206,29 @@ def write_nir(model: nn.Module, config: SNNConfig, input_shape: tuple[int, ...],
     for hook in hooks:
         hook.remove()
     sinabs.reset_states(spiking)
-    with warnings.catch_warnings():  # nirtorch deprecates the calls sinabs 3.1.3 makes inside
-        warnings.simplefilter("ignore", DeprecationWarning)
-        graph = sinabs.nir.to_nir(spiking, sample)
+    try:
+        with warnings.catch_warnings():  # nirtorch deprecates the calls sinabs 3.1.3 makes inside
+            warnings.simplefilter("ignore", DeprecationWarning)
+            graph = sinabs.nir.to_nir(spiking, sample)
+    except Exception as err:  # noqa: BLE001 - nirtorch's tracing fails in many ways on a graph
+        raise SpikingConversionError(f"sinabs' NIR export cannot trace this network (NIR holds "
+                                     f"chains and graphs of its own node types): "
+                                     f"{type(err).__name__}: {err}") from err
     for name, node in graph.nodes.items():
-        if isinstance(node, nir.Conv2d) and node.input_shape is None:
+        missing_conv = isinstance(node, nir.Conv2d) and node.input_shape is None
+        missing_flatten = isinstance(node, nir.Flatten) and (node.input_type or {}).get("input") is None
+        if (missing_conv or missing_flatten) and name not in shapes:
+            raise SpikingConversionError(f"NIR node '{name}' matches no layer of the network, so "
+                                         "its input shape is unknown")
+        if missing_conv:
             node.input_shape = shapes[name][1:]
-        if isinstance(node, nir.Flatten) and (node.input_type or {}).get("input") is None:
+        if missing_flatten:
             node.input_type = {"input": np.array(shapes[name])}
+    return graph
+
+
+def save_nir(graph: nir.NIRGraph, path: Path) -> None:
+    """Write a graph of `nir_graph_of` (`nir.read` reads it back)."""
     nir.write(str(path), graph)
 
 

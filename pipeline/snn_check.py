@@ -1,5 +1,6 @@
 """The spiking check of a study's members: simulate each chosen member as a spiking network on the
-test set, log the result to its MLflow run, and keep it in the study for the report."""
+test set, log the result to its MLflow run, and keep it in the study for the report. A member that
+cannot be simulated gets its reason recorded instead (which layer, why)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import dataclasses
 
 import optuna
 
-from pipeline.config import ConfigError, ExperimentConfig, SNNConfig
-from pipeline.data import load_pixels
-from pipeline.evaluate import SpikingEvaluation
+from pipeline.config import SNNConfig
+from pipeline.data import Split, load_pixels
+from pipeline.errors import ConfigError
+from pipeline.evaluate import SpikingEvaluation, SpikingFailure
 from pipeline.front import (
     NoSuchTrialError,
     StudyRecord,
@@ -18,8 +20,7 @@ from pipeline.front import (
     finished_trials,
     snn_attr,
 )
-from pipeline.model import build_model
-from pipeline.snn import simulate_with_progress
+from pipeline.snn import check_spiking
 from pipeline.tracking import Tracker
 
 
@@ -37,11 +38,11 @@ def chosen_members(study: optuna.Study, trial: int | None, knee: bool) -> list[T
     return [records[int(n)] for n in choice.members["trial"]]
 
 
-def require_enough_steps(settings: SNNConfig, encodings: dict[int, int]) -> None:
+def require_enough_steps(settings: SNNConfig, spikes: dict[int, int]) -> None:
     """Refuse, before any simulation, settings that need a step per input spike (`single`,
-    `rate`) with fewer steps than a member's encoding has spikes per pixel (`encodings`: trial
-    number -> spikes per pixel)."""
-    short = {n: k for n, k in encodings.items() if settings.needs_step_per_spike() and settings.steps < k}
+    `rate`) with fewer steps than a member's input carries spikes per pixel (`spikes`: trial
+    number -> the most spikes one input pixel carries)."""
+    short = {n: k for n, k in spikes.items() if settings.needs_step_per_spike() and settings.steps < k}
     if short:
         listed = ", ".join(f"trial {n}: {k}" for n, k in sorted(short.items()))
         raise ConfigError("snn.steps", f"{settings.encoding} input with {settings.spike_fn}-spike "
@@ -50,33 +51,54 @@ def require_enough_steps(settings: SNNConfig, encodings: dict[int, int]) -> None
                           f"got {settings.steps}")
 
 
-def check_members(study: optuna.Study, members: list[TrialRecord], config: ExperimentConfig,
-                  tracker: Tracker, progress: bool = True) -> list[SpikingEvaluation]:
-    """Simulate `members` with `config.snn` on the study's test set (read from `config.data.root`)
-    in each member's own input encoding, log each result to the member's run (metrics `snn_*`,
-    settings as `snn.*` tags) and store it in the study (`snn_check.<trial>`), replacing an
-    earlier check of the same member."""
-    require_enough_steps(config.snn, {m.number: m.spikes_per_pixel for m in members})
-    record = StudyRecord.load(study)
-    data = dataclasses.replace(record.config.data, root=config.data.root,
-                               verify_checksums=config.data.verify_checksums)
-    pixels = load_pixels(data)
-    results = []
+def members_test_data(record: StudyRecord, members: list[TrialRecord], root: str,
+                      verify_checksums: bool) -> dict[int, Split]:
+    """Each member's test split in its own variant (data arguments and encoding), read from
+    `root`; the data of one set of source arguments is loaded once."""
+    loaded = {}
+    tests = {}
     for member in members:
-        model = build_model(record.config.model)
+        data = member.variant.apply(record.config).data
+        data = dataclasses.replace(data, root=root, verify_checksums=verify_checksums)
+        if member.variant.data_key not in loaded:
+            loaded[member.variant.data_key] = load_pixels(data)
+        raw = loaded[member.variant.data_key]
+        tests[member.number] = (raw if member.spikes_per_pixel is None
+                                else raw.encoded(member.spikes_per_pixel)).test
+    return tests
+
+
+def check_members(study: optuna.Study, members: list[TrialRecord], settings: SNNConfig, root: str,
+                  verify_checksums: bool, tracker: Tracker, progress: bool = True
+                  ) -> list[SpikingEvaluation | SpikingFailure]:
+    """Simulate `members` with `settings` on the study's test set (read from `root`) in each
+    member's own variant, log each result to the member's run (metrics `snn_*`, settings as
+    `snn.*` tags; a failure as the tag `snn.failure`) and store it in the study
+    (`snn_check.<trial>`), replacing an earlier check of the same member."""
+    record = StudyRecord.load(study)
+    tests = members_test_data(record, members, root, verify_checksums)
+    require_enough_steps(settings, {n: int(test.images.max()) for n, test in tests.items()})
+    results: list[SpikingEvaluation | SpikingFailure] = []
+    for member in members:
+        model = member.network(record.config)
         model.load_state_dict(tracker.load_checkpoint(member.run_id))
-        test = pixels.encoded(member.spikes_per_pixel).test
-        result = simulate_with_progress(model, test, config.snn, f"trial {member.number}", progress)
+        result = check_spiking(model, tests[member.number], settings, f"trial {member.number}", progress)
         run = tracker.run(member.run_id)
-        run.log_metrics(result.metrics())
-        run.set_tags({f"snn.{k}": v for k, v in result.settings.items()})
+        if isinstance(result, SpikingFailure):
+            run.set_tags({"snn.failure": result.reason[:5000]})
+        else:
+            run.log_metrics(result.metrics())
+            run.set_tags({f"snn.{k}": v for k, v in result.settings.items()})
         study.set_user_attr(snn_attr(member.number), result.to_record())
         results.append(result)
     return results
 
 
-def describe(member: TrialRecord, result: SpikingEvaluation) -> str:
-    """One line for people: accuracy, agreement and the SynOps measured against the estimate."""
+def describe(member: TrialRecord, result: SpikingEvaluation | SpikingFailure) -> str:
+    """One line for people: accuracy, agreement and the SynOps measured against the estimate,
+    or why the member could not be simulated."""
+    if isinstance(result, SpikingFailure):
+        return f"trial {member.number}: not simulated as a spiking network: {result.reason}"
     layers = ", ".join(f"{name} {v / result.ann_synops_per_layer[name]:.4f}"
                        for name, v in result.synops_per_layer.items())
     settings = result.settings

@@ -30,6 +30,8 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from pipeline.errors import PipelineError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 CHECKPOINT_ARTIFACT = "model/state_dict.pt"
 TAG_ROLE = "synops.role"  # "base", "trial", "reference", "study" or "train"
@@ -41,7 +43,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log-batch call
 
 
-class TrackingError(RuntimeError):
+class TrackingError(PipelineError, RuntimeError):
     """A run or artifact the pipeline needs cannot be read from the tracking store."""
 
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.data import Dataset, batches
+from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.synops import SynOpsCounter
 
@@ -22,7 +23,7 @@ from pipeline.synops import SynOpsCounter
 MSE_SCALE = 1e7
 
 
-class DivergedError(RuntimeError):
+class DivergedError(PipelineError, RuntimeError):
     """The training loss stopped being finite; the run cannot go on."""
 
 

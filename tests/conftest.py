@@ -10,7 +10,9 @@ import optuna
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import _write_idx, load_pixels
+from pipeline.inputs import load_inputs
+from pipeline.mnist_files import _write_idx
+from pipeline.sweep.space import plan_study
 from pipeline.sweep.storage import prepare_study
 from pipeline.sweep.workers import run_sweep
 from pipeline.tracking import Tracker
@@ -63,6 +65,13 @@ def smoke_overrides(idx_root: Path) -> dict[str, object]:
     }
 
 
+def prepare(config, storage: str, tracking: str):
+    """The study of `config` prepared in the given stores, as `synops sweep` prepares it."""
+    inputs = load_inputs(config)
+    return prepare_study(config, storage, Tracker(tracking), inputs, plan_study(config, inputs),
+                         progress=False)
+
+
 @pytest.fixture(scope="module")
 def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[str]]:
     """A smoke study with one failed (diverged) trial and one still running (as if another worker
@@ -71,8 +80,7 @@ def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
     overrides = smoke_overrides(idx_root) | {"study.n_trials": 6, "train.max_batches": 0}
     config = load_config(EXPERIMENTS / "smoke.toml", overrides)
-    prepared = prepare_study(config, storage, Tracker(tracking), lambda: load_pixels(config.data),
-                             progress=False)
+    prepared = prepare(config, storage, tracking)
     prepared.study.enqueue_trial({"penalty_strength": 1e300, "target_position": 0.0, "penalty": "mse"})
     run_sweep(config, storage, tracking, progress=False, echo=lambda line: None)
     optuna.load_study(study_name="smoke", storage=storage).ask()

@@ -1,6 +1,6 @@
-"""The study's base models, one per input encoding: each trained once, when the first trial (or the
-study's preparation) needs it, under a lease so that workers on several machines share it, and
-recorded in the study with the range of SynOps targets searched on it."""
+"""The study's base models, one per variant: each trained once, when the first trial (or the study's
+preparation) needs it, under a lease so that workers on several machines share it, and recorded in
+the study with the range of SynOps targets searched on it."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from dataclasses import dataclass
 import optuna
 
 from pipeline.config import ExperimentConfig
-from pipeline.data import Dataset
 from pipeline.front import ATTR_PARENT_RUN, BaseRecord, base_attr
+from pipeline.inputs import StudyInputs
 from pipeline.run import ensure_base_model
 from pipeline.sweep.lease import lease, lease_name
-from pipeline.sweep.space import resolve_target_bounds, with_encoding
+from pipeline.sweep.space import resolve_target_bounds
 from pipeline.tracking import Tracker
 from pipeline.train import EpochStats
+from pipeline.variants import Variant
 
 
 @dataclass(frozen=True)
@@ -28,33 +29,34 @@ class BaseTraining:
     experiment_id: str
     progress: bool = True
     should_stop: Callable[[], bool] = lambda: False
-    on_epoch: Callable[[int, EpochStats], None] | None = None  # (spikes per pixel, epoch)
+    on_epoch: Callable[[Variant, EpochStats], None] | None = None
     on_wait: Callable[[str], None] | None = None
 
 
-def ensure_encoding_base(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                         config: ExperimentConfig, spikes_per_pixel: int, pixels: Dataset,
-                         training: BaseTraining) -> BaseRecord:
-    """The base model of `spikes_per_pixel` recorded in the study; if there is none yet, trained
-    (or a finished MLflow run of the same data, model and pretraining reused) by whichever worker
-    takes the lease first, while the others wait for it. `pixels` holds raw pixel values."""
-    attr = base_attr(spikes_per_pixel)
+def ensure_variant_base(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                        config: ExperimentConfig, variant: Variant, inputs: StudyInputs,
+                        training: BaseTraining) -> BaseRecord:
+    """The base model of `variant` recorded in the study; if there is none yet, trained (or a
+    finished MLflow run of the same data, network and pretraining reused) by whichever worker
+    takes the lease first, while the others wait for it."""
+    attr = base_attr(variant)
     if attr in study.user_attrs:
         return BaseRecord.from_record(study.user_attrs[attr])
     study_config = config.study
-    with lease(storage, lease_name(config.name, f"base-{spikes_per_pixel}"),
+    with lease(storage, lease_name(config.name, f"base-{variant.key}"),
                study_config.heartbeat_interval, study_config.grace_period, study_config.wait_timeout,
                training.on_wait, training.should_stop):
         stored = study.user_attrs.get(attr)  # another worker may have trained it while we waited
         if stored is not None:
             return BaseRecord.from_record(stored)
-        encoded = with_encoding(config, spikes_per_pixel)
+        designed = variant.apply(config)
         on_epoch = training.on_epoch
-        base = ensure_base_model(encoded, pixels.encoded(spikes_per_pixel), training.tracker,
-                                 training.experiment_id, training.progress, training.should_stop,
-                                 on_epoch and (lambda stats: on_epoch(spikes_per_pixel, stats)))
-        record = BaseRecord(spikes_per_pixel, base.run_id, base.val, base.test,
-                            resolve_target_bounds(encoded, base.val.input_layer_synops,
+        base = ensure_base_model(designed, inputs.dataset(variant), training.tracker,
+                                 training.experiment_id, inputs.base_fingerprints(variant),
+                                 training.progress, training.should_stop,
+                                 on_epoch and (lambda stats: on_epoch(variant, stats)))
+        record = BaseRecord(variant, base.run_id, base.val, base.test,
+                            resolve_target_bounds(designed, base.val.input_layer_synops,
                                                   base.val.synops_mean))
         study.set_user_attr(attr, record.to_record())
         parent = study.user_attrs.get(ATTR_PARENT_RUN)
@@ -64,8 +66,8 @@ def ensure_encoding_base(study: optuna.Study, storage: optuna.storages.BaseStora
 
 
 def log_base_to_parent(tracker: Tracker, parent_run_id: str, base: BaseRecord) -> None:
-    """The encoding's base model and resolved target range, as params of the study's run."""
-    prefix = f"study.base.{base.spikes_per_pixel}"
+    """The variant's base model and resolved target range, as params of the study's run."""
+    prefix = f"study.base.{base.variant.slug}"
     tracker.run(parent_run_id).log_params({
         f"{prefix}.run_id": base.run_id, f"{prefix}.target_synops": list(base.target_synops),
         f"{prefix}.input_layer_synops": base.val.input_layer_synops})

@@ -28,10 +28,11 @@ from pipeline.front import (
 )
 from pipeline.run import RunResult, run_tracked
 from pipeline.sweep.lease import lease, lease_name
-from pipeline.sweep.objective import EncodedBases
+from pipeline.sweep.objective import VariantBases
 from pipeline.sweep.space import reference_config, suggest_config
 from pipeline.sweep.storage import PreparedStudy
 from pipeline.tracking import TAG_ROLE, Tracker
+from pipeline.variants import Variant
 
 
 def pending(study: optuna.Study, config: ExperimentConfig) -> list[tuple[FrozenTrial, int]]:
@@ -53,14 +54,16 @@ def close_dead_confirmations(study: optuna.Study, tracker: Tracker) -> None:
 
 
 def member_config(trial: FrozenTrial, prepared: PreparedStudy, config: ExperimentConfig,
-                  bases: EncodedBases, seed: int) -> tuple[ExperimentConfig, bool]:
-    """The member's own config (encoding and fine-tuning) with another seed, and whether it
-    starts from its encoding's base model (the tutorial's reference trial trains from scratch)."""
+                  bases: VariantBases, seed: int) -> tuple[ExperimentConfig, Variant, bool]:
+    """The member's own config (variant and fine-tuning) with another seed, its variant, and
+    whether it starts from its variant's base model (the tutorial's reference trial trains from
+    scratch)."""
     if trial.user_attrs.get(ATTR_REFERENCE):
-        return replace_train(reference_config(config), seed=seed), False
-    tried = suggest_config(optuna.trial.FixedTrial(trial.params), prepared.record.bounds, config,
-                           bases.target_range)
-    return replace_train(tried, seed=seed), True
+        variant = bases.inputs.reference_variant
+        return replace_train(reference_config(config, variant), seed=seed), variant, False
+    tried, variant = suggest_config(optuna.trial.FixedTrial(trial.params), prepared.record.bounds,
+                                    config, bases.target_range)
+    return replace_train(tried, seed=seed), variant, True
 
 
 def confirmation_line(trial: int, seed: int, result: RunResult) -> str:
@@ -69,7 +72,7 @@ def confirmation_line(trial: int, seed: int, result: RunResult) -> str:
             f"{result.test.synops_mean:.3g} | {result.seconds:.0f} s")
 
 
-def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, bases: EncodedBases,
+def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
                   progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
     """Run the missing confirmations of the current front; returns how many ran. A confirmation
     that fails is reported and left for the next run; a stop request raises KeyboardInterrupt."""
@@ -79,7 +82,7 @@ def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, bases: Enco
         return _confirm(config, prepared, bases, progress, should_stop, echo)
 
 
-def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: EncodedBases,
+def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
              progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
     study, record, tracker = prepared.study, prepared.record, bases.training.tracker
     close_dead_confirmations(study, tracker)
@@ -87,15 +90,14 @@ def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: EncodedBa
     for trial, seed in pending(study, config):
         if should_stop():
             raise KeyboardInterrupt("stop requested between confirmations")
-        member, from_base = member_config(trial, prepared, config, bases, seed)
-        encoding = member.data.spikes_per_pixel
+        member, variant, from_base = member_config(trial, prepared, config, bases, seed)
         started = time.perf_counter()
         try:
             result = run_tracked(
-                member, bases.data(encoding), tracker, prepared.experiment_id,
+                member, bases.data(variant), tracker, prepared.experiment_id,
                 {TAG_ROLE: "confirmation", "synops.confirms_trial": str(trial.number),
                  "synops.seed": str(seed), "synops.study": config.name},
-                init_state=bases.state(encoding) if from_base else None,
+                init_state=bases.state(variant) if from_base else None,
                 run_name=f"confirm-{trial.number}-seed-{seed}",
                 parent_run_id=record.parent_run_id,
                 extra_params={f"search.{k}": v for k, v in trial.params.items()},

@@ -1,8 +1,7 @@
-"""The objective: one trial fine-tunes its input encoding's base model as a child MLflow run."""
+"""The objective: one trial fine-tunes its variant's base model as a child MLflow run."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import optuna
@@ -11,9 +10,11 @@ from optuna.trial import TrialState
 
 from pipeline.config import ExperimentConfig
 from pipeline.data import Dataset
+from pipeline.errors import PipelineError
 from pipeline.front import (
-    ATTR_ENCODING,
     ATTR_FAILURE,
+    ATTR_INPUT_SHAPE,
+    ATTR_NUM_CLASSES,
     ATTR_REFERENCE,
     ATTR_RUN_ID,
     ATTR_SECONDS,
@@ -21,52 +22,57 @@ from pipeline.front import (
     ATTR_TARGET,
     ATTR_TEST,
     ATTR_VAL,
+    ATTR_VARIANT,
     ATTR_WORKER,
     BaseRecord,
 )
+from pipeline.inputs import StudyInputs
 from pipeline.interrupt import shielded
 from pipeline.run import run_tracked
-from pipeline.sweep.bases import BaseTraining, ensure_encoding_base
+from pipeline.sweep.bases import BaseTraining, ensure_variant_base
 from pipeline.sweep.lease import holder
 from pipeline.sweep.space import reference_config, suggest_config
 from pipeline.sweep.storage import PreparedStudy
 from pipeline.tracking import TAG_ROLE, Tracker, TrackingError
+from pipeline.variants import Variant
 
 
-class BaseModelUnavailableError(RuntimeError):
+class BaseModelUnavailableError(PipelineError, RuntimeError):
     """A base model of the study cannot be read back, so no trial can fine-tune it."""
 
 
-class EncodedBases:
-    """What trials of each input encoding start from, in this worker: the data encoded once and
-    the base model's weights, each made (or trained, under the study's lease) on first use."""
+class VariantBases:
+    """What trials of each variant start from, in this worker: its data (encoded once, by the
+    inputs) and its base model's weights, trained (under the study's lease) or read on first use."""
 
-    def __init__(self, config: ExperimentConfig, prepared: PreparedStudy, pixels: Dataset,
+    def __init__(self, config: ExperimentConfig, prepared: PreparedStudy, inputs: StudyInputs,
                  training: BaseTraining) -> None:
-        self.config, self.prepared, self.pixels, self.training = config, prepared, pixels, training
+        self.config, self.prepared, self.inputs, self.training = config, prepared, inputs, training
+        self._states: dict[Variant, dict[str, torch.Tensor]] = {}
 
-    def base(self, spikes_per_pixel: int) -> BaseRecord:
-        return ensure_encoding_base(self.prepared.study, self.prepared.storage, self.config,
-                                    spikes_per_pixel, self.pixels, self.training)
+    def base(self, variant: Variant) -> BaseRecord:
+        return ensure_variant_base(self.prepared.study, self.prepared.storage, self.config,
+                                   variant, self.inputs, self.training)
 
-    def target_range(self, spikes_per_pixel: int) -> tuple[float, float]:
-        return self.base(spikes_per_pixel).target_synops
+    def target_range(self, variant: Variant) -> tuple[float, float]:
+        return self.base(variant).target_synops
 
-    @functools.cache  # noqa: B019 - one per worker, kept for its life
-    def data(self, spikes_per_pixel: int) -> Dataset:
-        return self.pixels.encoded(spikes_per_pixel)
+    def data(self, variant: Variant) -> Dataset:
+        return self.inputs.dataset(variant)
 
-    @functools.cache  # noqa: B019 - one per worker, kept for its life
-    def state(self, spikes_per_pixel: int) -> dict[str, torch.Tensor]:
-        base = self.base(spikes_per_pixel)
-        try:
-            return self.training.tracker.load_checkpoint(base.run_id)
-        except TrackingError as err:
-            raise BaseModelUnavailableError(
-                f"the base model for {spikes_per_pixel} spikes per pixel of study "
-                f"'{self.config.name}' cannot be read ({err}); its trials fine-tune it, so the "
-                "study cannot go on: restore that run's artifacts, or start a new study under "
-                "another `name`") from err
+    def state(self, variant: Variant) -> dict[str, torch.Tensor]:
+        """The base model's weights, read once per worker; `BaseModelUnavailableError` when its
+        checkpoint cannot be read."""
+        if variant not in self._states:
+            base = self.base(variant)
+            try:
+                self._states[variant] = self.training.tracker.load_checkpoint(base.run_id)
+            except TrackingError as err:
+                raise BaseModelUnavailableError(
+                    f"the base model of variant {variant.label} of study '{self.config.name}' "
+                    f"cannot be read ({err}); its trials fine-tune it, so the study cannot go on: "
+                    "restore that run's artifacts, or start a new study under another `name`") from err
+        return self._states[variant]
 
 
 class TrialRunner:
@@ -76,7 +82,7 @@ class TrialRunner:
     (they differ at most in where files live and on which device training runs).
     """
 
-    def __init__(self, config: ExperimentConfig, prepared: PreparedStudy, bases: EncodedBases,
+    def __init__(self, config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
                  progress: bool, should_stop: Callable[[], bool]) -> None:
         self.config = config
         self.prepared = prepared
@@ -104,17 +110,20 @@ class TrialRunner:
         tags = {TAG_ROLE: kind, "trial_number": str(trial.number), "synops.study": self.config.name}
         try:
             if reference:
-                config, init_state = reference_config(self.config), None
-            else:  # its encoding's base model may be trained first, here or by another worker
-                config = suggest_config(trial, self.prepared.record.bounds, self.config,
-                                        self.bases.target_range)
-                init_state = self.bases.state(config.data.spikes_per_pixel)
-                tags["synops.base_run_id"] = self.bases.base(config.data.spikes_per_pixel).run_id
-            encoding = config.data.spikes_per_pixel
-            trial.set_user_attr(ATTR_ENCODING, encoding)
+                variant = self.bases.inputs.reference_variant
+                config, init_state = reference_config(self.config, variant), None
+            else:  # its variant's base model may be trained first, here or by another worker
+                config, variant = suggest_config(trial, self.prepared.record.bounds, self.config,
+                                                 self.bases.target_range)
+                init_state = self.bases.state(variant)
+                tags["synops.base_run_id"] = self.bases.base(variant).run_id
+            data = self.bases.data(variant)
+            trial.set_user_attr(ATTR_VARIANT, variant.to_record())
+            trial.set_user_attr(ATTR_INPUT_SHAPE, list(data.input_shape))
+            trial.set_user_attr(ATTR_NUM_CLASSES, data.num_classes)
             trial.set_user_attr(ATTR_TARGET, config.train.target_synops)
             result = run_tracked(
-                config, self.bases.data(encoding), self.tracker, self.prepared.experiment_id, tags,
+                config, data, self.tracker, self.prepared.experiment_id, tags,
                 init_state=init_state, run_name=f"{kind}-{trial.number}",
                 parent_run_id=self.prepared.record.parent_run_id,
                 extra_params={f"search.{k}": v for k, v in trial.params.items()},

@@ -5,14 +5,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import optuna
 
-from pipeline.config import MAX_PIXEL_COUNT, TUTORIAL_RECIPE, ConfigError, ExperimentConfig, replace_train
+from pipeline.config import TUTORIAL_RECIPE, ExperimentConfig, replace_train
+from pipeline.errors import ConfigError
+from pipeline.evaluate import evaluate
 from pipeline.front import SearchBounds
+from pipeline.inputs import StudyInputs
 from pipeline.train import penalty_weight_for_strength
+from pipeline.variants import DATA_PREFIX, MODEL_PREFIX, Variant, searched_parameters, variant_of
 
 FLOOR_MARGIN = 1.05  # the lowest target searched sits this far above the input-layer floor
 # What each searched parameter means, stored in the study where optuna-dashboard shows it.
@@ -21,6 +26,8 @@ PARAM_MEANINGS = {
                         "(for mse converted to the tutorial's scale)",
     "spikes_per_pixel": "input encoding: the most spikes a pixel becomes (pixel value 0..255 "
                         "-> 0..k); each value has its own base model and input-layer floor",
+    MODEL_PREFIX: "argument of the network factory (each value a variant with its own base model)",
+    DATA_PREFIX: "argument of the data source (each value a variant with its own base model)",
     "target_position": "where T, the SynOps per sample the penalty aims below, sits between just "
                        "above the encoding's input-layer floor (0) and its base model's SynOps "
                        "(1), log scale",
@@ -47,7 +54,7 @@ def resolve_target_bounds(config: ExperimentConfig, floor: float, base_synops: f
     return low, high
 
 
-def search_bounds(config: ExperimentConfig) -> SearchBounds:
+def search_bounds(config: ExperimentConfig, variants: list[Variant]) -> SearchBounds:
     space = config.study.space
     return SearchBounds(
         penalty_strength=(space.penalty_strength[0], space.penalty_strength[1]),
@@ -55,14 +62,42 @@ def search_bounds(config: ExperimentConfig) -> SearchBounds:
         penalties=tuple(space.penalties),
         epochs=(space.epochs[0], space.epochs[1]) if space.epochs else None,
         lr=(space.lr[0], space.lr[1]) if space.lr else None,
-        spikes_per_pixel=tuple(config.encodings()),
+        variants=tuple(variants),
     )
 
 
-def with_encoding(config: ExperimentConfig, spikes_per_pixel: int) -> ExperimentConfig:
-    """`config` with another input encoding (what its data, base model and runs are keyed by)."""
-    return dataclasses.replace(
-        config, data=dataclasses.replace(config.data, spikes_per_pixel=spikes_per_pixel))
+@dataclass(frozen=True)
+class StudyPlan:
+    """The study's search space, checked: its bounds, and each variant's input-layer floor
+    (the SynOps of its first layer on the validation data, which no training can remove)."""
+
+    bounds: SearchBounds
+    floors: dict[str, float]  # by variant key
+
+
+def plan_study(config: ExperimentConfig, inputs: StudyInputs) -> StudyPlan:
+    """Check what a sweep of `config` needs, before any store is touched: a base model to
+    fine-tune, no checkpoint it would ignore, and a non-empty target range on every variant.
+    Raises `ConfigError` naming the key."""
+    if config.pretrain is None:
+        raise ConfigError("pretrain", "a sweep fine-tunes a base model: add a [pretrain] table")
+    if config.train.init_from:
+        raise ConfigError("train.init_from", "a sweep fine-tunes the study's own base model and "
+                          "would ignore this checkpoint: remove it (use `synops train` for it)")
+    floors = {}
+    for variant in inputs.variants:
+        network = inputs.network(variant).to(config.device)
+        floors[variant.key] = evaluate(network, inputs.dataset(variant).val).input_layer_synops
+        resolve_target_bounds(variant.apply(config), floors[variant.key])  # refuses an empty range
+    return StudyPlan(search_bounds(config, inputs.variants), floors)
+
+
+def parameter_meaning(name: str) -> str:
+    """What a searched parameter means, for the study's record (optuna-dashboard shows it)."""
+    for prefix in (MODEL_PREFIX, DATA_PREFIX):
+        if name.startswith(prefix):
+            return f"{name.removeprefix(prefix)}: {PARAM_MEANINGS[prefix]}"
+    return PARAM_MEANINGS[name]
 
 
 def sampler_seed(study_seed: int, worker_number: int) -> int:
@@ -90,8 +125,7 @@ def make_sampler(config: ExperimentConfig, bounds: SearchBounds, seed: int
             "penalty_strength": log_grid(*bounds.penalty_strength),
             "target_position": [i / (study.grid_points - 1) for i in range(study.grid_points)],
         }
-        if len(bounds.spikes_per_pixel) > 1:
-            grid["spikes_per_pixel"] = list(bounds.spikes_per_pixel)
+        grid |= searched_parameters(list(bounds.variants))
         if len(bounds.penalties) > 1:
             grid["penalty"] = list(bounds.penalties)
         if bounds.epochs:
@@ -103,17 +137,19 @@ def make_sampler(config: ExperimentConfig, bounds: SearchBounds, seed: int
 
 
 def suggest_config(trial: optuna.Trial, bounds: SearchBounds, config: ExperimentConfig,
-                   target_range: Callable[[int], tuple[float, float]]) -> ExperimentConfig:
-    """The config this trial tries: its input encoding and fine-tuning. The target is searched as
-    a position between the ends of its encoding's `target_range` (a fixed [0, 1] for the sampler,
-    whatever the encoding); the searched `penalty_strength` weighs the squared relative excess
-    ((S - T) / T)^2 whichever the penalty's shape."""
-    encodings = bounds.spikes_per_pixel
-    spikes_per_pixel = (trial.suggest_categorical("spikes_per_pixel", list(encodings))
-                        if len(encodings) > 1 else encodings[0])
+                   target_range: Callable[[Variant], tuple[float, float]]
+                   ) -> tuple[ExperimentConfig, Variant]:
+    """The config this trial tries and its variant (encoding, network and source arguments) and
+    fine-tuning. The target is searched as a position between the ends of its variant's
+    `target_range` (a fixed [0, 1] for the sampler, whatever the variant); the searched
+    `penalty_strength` weighs the squared relative excess ((S - T) / T)^2 whichever the
+    penalty's shape."""
+    choices = searched_parameters(list(bounds.variants))
+    variant = variant_of({name: trial.suggest_categorical(name, values)
+                          for name, values in choices.items()}, list(bounds.variants))
     strength = trial.suggest_float("penalty_strength", *bounds.penalty_strength, log=True)
     position = trial.suggest_float("target_position", 0.0, 1.0)
-    low, high = target_range(spikes_per_pixel)
+    low, high = target_range(variant)
     target = low * (high / low) ** position
     penalty = (trial.suggest_categorical("penalty", list(bounds.penalties))
                if len(bounds.penalties) > 1 else bounds.penalties[0])
@@ -125,13 +161,12 @@ def suggest_config(trial: optuna.Trial, bounds: SearchBounds, config: Experiment
         changes["epochs"] = trial.suggest_int("epochs", *bounds.epochs)
     if bounds.lr:
         changes["lr"] = trial.suggest_float("lr", *bounds.lr, log=True)
-    return replace_train(with_encoding(config, spikes_per_pixel), **changes)
+    return replace_train(variant.apply(config), **changes), variant
 
 
-def reference_config(config: ExperimentConfig) -> ExperimentConfig:
-    """The tutorial's recipe on this study's data and model, with the tutorial's encoding (a
+def reference_config(config: ExperimentConfig, variant: Variant) -> ExperimentConfig:
+    """The tutorial's recipe on this study's data and network in the tutorial's `variant` (a
     pixel value is that many spikes): from scratch, no base model."""
     recipe = {f.name: getattr(TUTORIAL_RECIPE, f.name) for f in dataclasses.fields(TUTORIAL_RECIPE)
               if f.name not in ("seed", "max_batches", "init_from")}
-    tutorial = with_encoding(config, MAX_PIXEL_COUNT)
-    return dataclasses.replace(replace_train(tutorial, **recipe), pretrain=None)
+    return dataclasses.replace(replace_train(variant.apply(config), **recipe), pretrain=None)

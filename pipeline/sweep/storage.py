@@ -1,5 +1,5 @@
-"""The study's storage and its one-time preparation (search space, largest encoding's base model,
-parent run, reference trial).
+"""The study's storage and its one-time preparation (the first variant's base model, parent run,
+reference trial), and the checks that a resumed study still means what it meant.
 
 Optuna's RDB storage is the distributed engine: workers on this or other machines share one
 storage, heartbeats turn a trial whose process died into FAIL and retry it, and a lease kept in it
@@ -20,12 +20,12 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from pipeline.config import ConfigError, ExperimentConfig, SNNConfig, differing_keys, flatten
-from pipeline.data import Dataset
-from pipeline.evaluate import evaluate
+from pipeline.config import ExperimentConfig, SNNConfig, differing_keys, flatten
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.front import (
     ATTR_BOUNDS,
     ATTR_CONFIG,
+    ATTR_INPUTS,
     ATTR_PARENT_RUN,
     ATTR_REFERENCE,
     ATTR_RUN_ID,
@@ -36,12 +36,14 @@ from pipeline.front import (
     SearchBounds,
     StudyRecord,
 )
-from pipeline.model import build_model
-from pipeline.sweep.bases import BaseTraining, ensure_encoding_base, log_base_to_parent
+from pipeline.inputs import StudyInputs, fingerprint_changes
+from pipeline.secrets import redact_url
+from pipeline.sweep.bases import BaseTraining, ensure_variant_base, log_base_to_parent
 from pipeline.sweep.lease import lease, lease_name
-from pipeline.sweep.space import PARAM_MEANINGS, resolve_target_bounds, search_bounds, with_encoding
+from pipeline.sweep.space import StudyPlan, parameter_meaning
 from pipeline.tracking import TAG_ROLE, Tracker
 from pipeline.train import EpochStats
+from pipeline.variants import Variant, searched_parameters
 
 # Heartbeats, stale-trial retries and metric names are marked experimental; we rely on them.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -60,7 +62,7 @@ RESUMABLE_KEYS = frozenset({
 })
 
 
-class StudyNotFoundError(LookupError):
+class StudyNotFoundError(PipelineError, LookupError):
     """No study of that name in the storage."""
 
 
@@ -127,17 +129,23 @@ class PreparedStudy:
     experiment_id: str
 
 
-def check_resumable(record: StudyRecord, config: ExperimentConfig) -> None:
+def check_resumable(record: StudyRecord, config: ExperimentConfig, inputs: StudyInputs) -> None:
     """Refuse to resume with a config that would change what the study's trials mean (a new
-    validation split, say, would choose the front on the base model's training images)."""
+    validation split, say, would choose the front on the base model's training images), or
+    after the data's arrays or a network's parameter shapes changed underneath the same config."""
     changed = differing_keys(record.config.to_dict(), config.to_dict(), RESUMABLE_KEYS)
     if changed:
         stored, current = flatten(record.config.to_dict()), flatten(config.to_dict())
         details = "; ".join(f"{k}: study has {stored.get(k)!r}, config has {current.get(k)!r}"
                             for k in changed)
-        raise ConfigError("config", f"study '{record.name}' was created with another config "
+        raise ConfigError(changed[0], f"study '{record.name}' was created with another config "
                           f"({details}). Only {', '.join(sorted(RESUMABLE_KEYS))} may change on "
                           "resume: restore those values, or give the new config another `name`")
+    drifted = fingerprint_changes(record.fingerprints, inputs.fingerprints)
+    if drifted:
+        key = "data.source" if drifted[0].startswith("the data") else "model.factory"
+        raise ConfigError(key, f"study '{record.name}' cannot resume: {'; '.join(drifted)}. "
+                          "Restore them, or give the config another `name` for a new study")
 
 
 def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:
@@ -160,61 +168,57 @@ def ensure_reference_trial(study: optuna.Study, config: ExperimentConfig) -> Non
 
 def _searched(bounds: SearchBounds) -> list[str]:
     optional = [k for k in ("epochs", "lr") if getattr(bounds, k)]
-    return [*(["spikes_per_pixel"] if len(bounds.spikes_per_pixel) > 1 else []), "penalty_strength",
-            "target_position", *(["penalty"] if len(bounds.penalties) > 1 else []), *optional]
+    return [*searched_parameters(list(bounds.variants)), "penalty_strength", "target_position",
+            *(["penalty"] if len(bounds.penalties) > 1 else []), *optional]
 
 
 def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                   config: ExperimentConfig, storage_url: str, pixels: Dataset,
+                   config: ExperimentConfig, storage_url: str, inputs: StudyInputs, plan: StudyPlan,
                    training: BaseTraining) -> StudyRecord:
-    """Check the search space on every encoding, train (or reuse) the largest encoding's base
-    model, open the parent run, and store the study's record. The record version is written
-    last: a preparation that dies half-way is redone."""
-    model = build_model(config.model).to(config.device)
-    floors = {k: evaluate(model, pixels.encoded(k).val).input_layer_synops for k in config.encodings()}
-    for k, floor in floors.items():  # an empty range is refused before any training
-        resolve_target_bounds(with_encoding(config, k), floor)
-    bounds = search_bounds(config)
-    base = ensure_encoding_base(study, storage, config, max(bounds.spikes_per_pixel), pixels, training)
+    """Train (or reuse) the first variant's base model, open the parent run, and store the
+    study's record. The record version is written last: a preparation that dies half-way is
+    redone."""
+    bounds = plan.bounds
+    first: Variant = bounds.variants[0]
+    base = ensure_variant_base(study, storage, config, first, inputs, training)
     tracker, experiment_id = training.tracker, training.experiment_id
     parent = tracker.start_run(experiment_id, f"study-{config.name}", {
-        TAG_ROLE: "study", "synops.study": config.name, "synops.storage": storage_url,
+        TAG_ROLE: "study", "synops.study": config.name, "synops.storage": redact_url(storage_url),
         "synops.sampler": config.study.sampler,
         "synops.base_run_id": base.run_id,
     })
-    space = {f"study.space.{k}": v for k, v in bounds.to_record().items()}
+    space = {f"study.space.{k}": v for k, v in bounds.to_record().items() if k != "variants"}
+    space["study.variants"] = [v.label for v in bounds.variants]
     study_params = {k: v for k, v in flatten(config.to_dict()).items() if k.startswith("study.")
                     and not k.startswith("study.space.")}
-    parent.log_params(study_params | space
-                      | {f"study.input_layer_synops.{k}": floor for k, floor in floors.items()})
+    floors = {f"study.input_layer_synops.{v.slug}": plan.floors[v.key] for v in bounds.variants}
+    parent.log_params(study_params | space | floors)
     log_base_to_parent(tracker, parent.run_id, base)
-    record = StudyRecord(config.name, config, bounds, {base.spikes_per_pixel: base}, parent.run_id)
+    record = StudyRecord(config.name, config, bounds, {first.key: base}, parent.run_id, inputs.kind,
+                         inputs.raw[first.data_key].num_classes, dict(inputs.fingerprints))
     study.set_metric_names(list(OBJECTIVE_NAMES))  # optuna-dashboard labels its plots with them
     study.set_user_attr("objectives", "val_accuracy: accuracy on the validation split (maximised); "
                         "val_synops_mean: mean SynOps per validation sample (minimised)")
-    study.set_user_attr("searched_parameters", {k: PARAM_MEANINGS[k] for k in _searched(bounds)})
+    study.set_user_attr("searched_parameters", {k: parameter_meaning(k) for k in _searched(bounds)})
     study.set_user_attr(ATTR_CONFIG, config.to_dict())
     study.set_user_attr(ATTR_BOUNDS, bounds.to_record())
+    study.set_user_attr(ATTR_INPUTS, {"kind": record.kind, "num_classes": record.num_classes,
+                                      "fingerprints": record.fingerprints})
     study.set_user_attr(ATTR_PARENT_RUN, parent.run_id)
     study.set_user_attr(ATTR_SCHEMA, SCHEMA_VERSION)
     return record
 
 
-def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker,
-                  pixels: Callable[[], Dataset], progress: bool = True,
+def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker, inputs: StudyInputs,
+                  plan: StudyPlan, progress: bool = True,
                   should_stop: Callable[[], bool] = lambda: False,
-                  on_epoch: Callable[[int, EpochStats], None] | None = None,
+                  on_epoch: Callable[[Variant, EpochStats], None] | None = None,
                   on_wait: Callable[[str], None] | None = None) -> PreparedStudy:
-    """Create or resume the study before this worker runs trials. However many workers (here or
-    on other machines) start together, one prepares it under a lease while the others wait
-    (`on_wait` gets a line), then check and resume it. `pixels` (the raw dataset) is called only
-    when the data is needed (a new study); `on_epoch` receives the base model's encoding and
-    epochs if it is trained."""
-    if config.pretrain is None:
-        raise ConfigError("pretrain", "a sweep fine-tunes a base model: add a [pretrain] table")
-    if config.train.init_from:
-        raise ConfigError("train.init_from", "a sweep fine-tunes the study's own base model and "
-                          "would ignore this checkpoint: remove it (use `synops train` for it)")
+    """Create or resume the study before this worker runs trials; `inputs` and `plan` are already
+    checked (`load_inputs`, `plan_study`). However many workers (here or on other machines) start
+    together, one prepares it under a lease while the others wait (`on_wait` gets a line), then
+    check and resume it. `on_epoch` receives the base model's variant and epochs if it is
+    trained."""
     experiment_id = tracker.experiment(config.name)
     storage = open_storage(storage_url, config)
     study = optuna.create_study(study_name=config.name, storage=storage, directions=DIRECTIONS,
@@ -224,7 +228,7 @@ def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker,
                config.study.grace_period, config.study.wait_timeout, on_wait, should_stop):
         if ATTR_SCHEMA in study.user_attrs or study.trials:
             record = StudyRecord.load(study)  # StudyFormatError for another version's study
-            check_resumable(record, config)
+            check_resumable(record, config, inputs)
             optuna.storages.fail_stale_trials(study)
             close_orphaned_runs(study, tracker)
             tracker.reopen(record.parent_run_id)
@@ -232,6 +236,6 @@ def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker,
             unfinished = study.user_attrs.get(ATTR_PARENT_RUN)
             if unfinished and tracker.status(unfinished) == "RUNNING":
                 tracker.close(unfinished, "FAILED", "the study's preparation did not finish; redone")
-            record = _create_record(study, storage, config, storage_url, pixels(), training)
+            record = _create_record(study, storage, config, storage_url, inputs, plan, training)
         ensure_reference_trial(study, config)
     return PreparedStudy(study, storage, record, experiment_id)

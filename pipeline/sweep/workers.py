@@ -21,11 +21,10 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
-from pipeline.data import load_pixels
+from pipeline.errors import PipelineError
 from pipeline.evaluate import Evaluation
 from pipeline.figures import pareto_png
 from pipeline.front import (
-    ATTR_ENCODING,
     ATTR_FAILURE,
     ATTR_REFERENCE,
     ATTR_RUN_ID,
@@ -34,6 +33,7 @@ from pipeline.front import (
     ATTR_TARGET,
     ATTR_TEST,
     ATTR_VAL,
+    ATTR_VARIANT,
     ATTR_WORKER_STARTS,
     StudyRecord,
     front_table,
@@ -44,23 +44,25 @@ from pipeline.front import (
     study_counts,
     trials_frame,
 )
+from pipeline.inputs import load_inputs
 from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signals, stop_requested
 from pipeline.memory import keep_freed_memory
 from pipeline.sweep.bases import BaseTraining
 from pipeline.sweep.confirm import confirm_front
 from pipeline.sweep.lease import LeaseTimeoutError, lease, lease_name
-from pipeline.sweep.objective import BaseModelUnavailableError, EncodedBases, TrialRunner
-from pipeline.sweep.space import make_sampler, sampler_seed
+from pipeline.sweep.objective import BaseModelUnavailableError, TrialRunner, VariantBases
+from pipeline.sweep.space import make_sampler, plan_study, sampler_seed
 from pipeline.sweep.storage import PreparedStudy, close_orphaned_runs, open_storage, prepare_study
 from pipeline.tracking import Tracker
 from pipeline.train import EpochStats, epoch_line
+from pipeline.variants import Variant
 
 
-class WorkerError(RuntimeError):
+class WorkerError(PipelineError, RuntimeError):
     """A sweep worker process ended with an error."""
 
 
-class TooManyFailuresError(RuntimeError):
+class TooManyFailuresError(PipelineError, RuntimeError):
     """`study.max_consecutive_failures` trials in a row failed: something is wrong beyond one trial."""
 
 
@@ -77,13 +79,14 @@ logging.getLogger("optuna.study._optimize").addFilter(_WithoutInterruptTraceback
 
 def trial_line(trial: FrozenTrial) -> str:
     """One human line for a finished trial: number, params, val/test accuracy and SynOps, time."""
+    variant = trial.user_attrs.get(ATTR_VARIANT)
+    where = f" [{Variant.from_record(variant).label}]" if variant else ""
     if trial.user_attrs.get(ATTR_REFERENCE):
-        params = "tutorial recipe (255 spikes/pixel, from scratch, mse 1e-5 -> 4e7, 2 epochs)"
+        params = f"tutorial recipe{where} (from scratch, mse 1e-5 -> 4e7, 2 epochs)"
     else:
-        resolved = {k: trial.user_attrs[k] for k in (ATTR_ENCODING, ATTR_TARGET)
-                    if k in trial.user_attrs}
+        resolved = {k: trial.user_attrs[k] for k in (ATTR_TARGET,) if k in trial.user_attrs}
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in (trial.params | resolved).items())
+                          for k, v in (trial.params | resolved).items()) + where
     if trial.state != TrialState.COMPLETE:
         reason = trial.user_attrs.get(ATTR_FAILURE, "process died or was interrupted")
         return f"trial {trial.number:3d} {trial.state.name}: {params} | {reason}"
@@ -131,11 +134,10 @@ def _publish_or_warn(prepared: PreparedStudy, tracker: Tracker, with_metrics: bo
 
 
 def base_epoch_echo(echo: Callable[[str], None], config: ExperimentConfig
-                    ) -> Callable[[int, EpochStats], None]:
+                    ) -> Callable[[Variant, EpochStats], None]:
     """Log lines for a base model's epochs, where there are no progress bars."""
     epochs = config.pretrain.epochs if config.pretrain else 0
-    return lambda spikes_per_pixel, stats: echo(
-        f"base model ({spikes_per_pixel} spikes/pixel) {epoch_line(stats, epochs)}")
+    return lambda variant, stats: echo(f"base model ({variant.label}) {epoch_line(stats, epochs)}")
 
 
 def _finished_meanwhile(study: optuna.Study, number: int | None) -> bool:
@@ -171,19 +173,19 @@ def claim_worker_number(config: ExperimentConfig, prepared: PreparedStudy) -> in
     return number
 
 
-def run_worker(config: ExperimentConfig, prepared: PreparedStudy, bases: EncodedBases,
+def run_worker(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
                on_trial: Callable[[FrozenTrial], None] | None = None, progress: bool = False,
                echo: Callable[[str], None] = print) -> None:
     """Run trials until the study has `n_trials` finished ones. Safe to run in several processes
     (or on several machines sharing one RDB storage and one MLflow server): each seeds its
-    sampler with a worker number of its own. Base models of further encodings are trained when
-    a trial first needs one (`bases`). Stops with `TooManyFailuresError` after
+    sampler with a worker number of its own. Base models of further variants are trained when a
+    trial first needs one (`bases`). Stops with `TooManyFailuresError` after
     `study.max_consecutive_failures` of its trials failed in a row.
     """
     study, tracker = prepared.study, bases.training.tracker
     study.sampler = make_sampler(config, prepared.record.bounds,
                                  sampler_seed(config.study.seed, claim_worker_number(config, prepared)))
-    bases.state(max(prepared.record.bounds.spikes_per_pixel))  # unreadable: stop before any trial
+    bases.state(prepared.record.bounds.variants[0])  # unreadable: stop before any trial
     runner = TrialRunner(config, prepared, bases, progress, stop_requested)
     failed_in_a_row: list[FrozenTrial] = []
 
@@ -244,7 +246,7 @@ def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: st
     with stop_on_signals(repeat_interrupts=False), contextlib.suppress(KeyboardInterrupt):
         try:
             echo = functools.partial(print, f"worker {worker}:")
-            bases = EncodedBases(config, prepared, load_pixels(config.data).to(config.device),
+            bases = VariantBases(config, prepared, load_inputs(config),
                                  worker_training(config, prepared, tracker, False, echo))
             run_worker(config, prepared, bases, echo=echo)
         except (TooManyFailuresError, BaseModelUnavailableError, LeaseTimeoutError) as err:
@@ -257,11 +259,13 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
     """`synops sweep`: prepare the study, run `workers` worker processes until it has `n_trials`
     finished trials, confirm the front with more seeds, and publish the front to MLflow. With
     `progress`, bars and a line per trial; without (a log file), `echo` gets a line per
-    base-model epoch, trial and confirmation. The data is loaded at most once in this process."""
+    base-model epoch, trial and confirmation. The data and networks are loaded and checked first,
+    once in this process: a `ConfigError` leaves both stores untouched."""
+    inputs = load_inputs(config)
+    plan = plan_study(config, inputs)
     tracker = Tracker(tracking_uri)
-    pixels = functools.cache(lambda: load_pixels(config.data).to(config.device))
     prepared = prepare_study(
-        config, storage_url, tracker, pixels, progress=progress, should_stop=stop_requested,
+        config, storage_url, tracker, inputs, plan, progress=progress, should_stop=stop_requested,
         on_epoch=None if progress else base_epoch_echo(echo, config), on_wait=echo)
     study = prepared.study
     bar = tqdm(total=config.study.n_trials, initial=study_counts(study).finished, desc=config.name,
@@ -277,9 +281,9 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
 
     status = "FAILED"
     line = bar.write if progress else echo
-    # This process's encoded data and base models, made once for its trials and confirmations.
-    bases = functools.cache(lambda: EncodedBases(
-        config, prepared, pixels(), worker_training(config, prepared, tracker, progress, line)))
+    # This process's base models, read once for its trials and confirmations.
+    bases = functools.cache(lambda: VariantBases(
+        config, prepared, inputs, worker_training(config, prepared, tracker, progress, line)))
     try:
         if workers == 1:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
