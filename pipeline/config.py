@@ -417,8 +417,9 @@ def parse_override(assignment: str) -> tuple[str, Any]:
 
 def _upgrade_legacy_keys(values: dict[str, Any]) -> None:
     """Read configs written before networks and data became pluggable: `[data] dataset` is the
-    source, the built-in conv net's keys under `[model]` are its `[model.args]`, and the input
-    shape keys must match the built-in datasets (they now come from the data)."""
+    source, the built-in conv net's keys under `[model]` are its `[model.args]` (and win over
+    them, so `--set model.channels=...` still works), and the input shape keys must match the
+    built-in datasets (they now come from the data)."""
     data, model = values.get("data"), values.get("model")
     if isinstance(data, dict) and "dataset" in data:
         _require("source" not in data, "data.dataset", "give data.source only (dataset is its old name)")
@@ -430,9 +431,8 @@ def _upgrade_legacy_keys(values: dict[str, Any]) -> None:
         _require(model.get("factory", "conv") == "conv", f"model.{next(iter(legacy))}",
                  "belongs to the built-in conv net: give it in [model.args] of your factory")
         args = model.setdefault("args", {})
-        _require(isinstance(args, dict) and not set(legacy) & set(args), "model.args",
-                 f"{sorted(legacy)} given both under [model] and [model.args]")
-        args.update(legacy)
+        _require(isinstance(args, dict), "model.args", "must be a table")
+        args.update(legacy)  # `--set model.channels=...` reads as model.args.channels
     source = data.get("source", "mnist") if isinstance(data, dict) else "mnist"
     for key, expected in LEGACY_SHAPE_KEYS.items():
         if key in model:

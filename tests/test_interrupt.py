@@ -36,7 +36,7 @@ def test_a_stop_signal_is_never_lost_and_stops_training_at_the_next_step(
     with stop_on_signals():
         SignalledWhileCollected()  # collected at once
         with pytest.raises(KeyboardInterrupt, match="stop requested at epoch 1, step 1"):
-            train(build_model(config.model), data, TrainConfig(epochs=1), progress=False,
+            train(build_model(config.model, (1, 28, 28), 10), data, TrainConfig(epochs=1), progress=False,
                   should_stop=stop_requested)
     assert dropped == []
     assert signal.getsignal(signal.SIGTERM) is before

@@ -66,7 +66,7 @@ def test_export_writes_a_loadable_checkpoint_and_card(
     card = json.loads((out / "card.json").read_text())
     assert card["on_front"] and card["metrics"]["test_synops_mean"] > 0
     config = load_config(out / "config.toml")
-    build_model(config.model).load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    build_model(config.model, (1, 28, 28), 10).load_state_dict(torch.load(out / "model.pt", weights_only=True))
     missing = CliRunner().invoke(main, ["export", *args, "--trial", "999", "--out", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "not a finished trial" in missing.output
 

@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, ModelConfig, SNNConfig, TrainConfig, lo
 from pipeline.data import Split, load_dataset
 from pipeline.layers import NeuromorphicReLU, SumPool2d
 from pipeline.model import build_model
-from pipeline.snn import encode, read_nir, simulate, to_spiking, write_nir
+from pipeline.snn import encode, nir_graph_of, read_nir, save_nir, simulate, to_spiking
 from pipeline.snn_check import require_enough_steps
 from pipeline.synops import SynOpsCounter
 from pipeline.train import train
@@ -49,7 +49,7 @@ def nested_tree() -> nn.Module:
         nn.Linear(120, 10, bias=False))
 
 
-@pytest.mark.parametrize("make", [lambda: build_model(ModelConfig()), nested_tree],
+@pytest.mark.parametrize("make", [lambda: build_model(ModelConfig(), (1, 28, 28), 10), nested_tree],
                          ids=["tutorial", "nested"])
 def test_one_step_with_all_input_at_t0_equals_the_ann_exactly(make) -> None:
     model = spiking_weights(make())
@@ -88,7 +88,7 @@ def test_the_encodings_keep_each_pixels_count() -> None:
 
 def test_the_poisson_encoding_is_reproducible_per_seed(idx_root: Path) -> None:
     config = load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(idx_root))
-    model = spiking_weights(build_model(config.model))
+    model = spiking_weights(build_model(config.model, (1, 28, 28), 10))
     test = load_dataset(config.data).test
     poisson = SNNConfig(encoding="poisson", steps=16, max_samples=60, batch_size=20)
     first, again = simulate(model, test, poisson), simulate(model, test, poisson)
@@ -103,7 +103,7 @@ def test_regular_encoding_on_a_trained_model_stays_within_one_percent_of_the_est
 ) -> None:
     config = load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(idx_root))
     data = load_dataset(config.data)
-    model = build_model(ModelConfig())  # the tutorial net
+    model = build_model(ModelConfig(), (1, 28, 28), 10)  # the tutorial net
     train(model, data, TrainConfig(epochs=2, batch_size=64, lr=3e-3, schedule="onecycle"), progress=False)
     result = simulate(model, data.test, SNNConfig(steps=8, max_samples=0))
     assert result.ann_accuracy > 0.5
@@ -112,9 +112,9 @@ def test_regular_encoding_on_a_trained_model_stays_within_one_percent_of_the_est
 
 
 def test_nir_export_reads_back_into_the_same_spiking_network(tmp_path: Path) -> None:
-    model = spiking_weights(build_model(ModelConfig()))
+    model = spiking_weights(build_model(ModelConfig(), (1, 28, 28), 10))
     config = SNNConfig(steps=4)
-    write_nir(model, config, (1, 28, 28), tmp_path / "model.nir")
+    save_nir(nir_graph_of(model, config, (1, 28, 28)), tmp_path / "model.nir")
     rebuilt = read_nir(tmp_path / "model.nir", config.steps)
     spiking = to_spiking(model, config)
     frames = counts(3, high=60).repeat_interleave(config.steps, dim=0) / config.steps

@@ -19,13 +19,13 @@ from optuna.trial import TrialState
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.data import load_pixels
-from pipeline.front import study_bases
+from pipeline.front import base_attr, study_bases
+from pipeline.inputs import load_inputs
 from pipeline.sweep import workers
-from pipeline.sweep.storage import prepare_study
 from pipeline.sweep.workers import run_sweep
-from pipeline.tracking import Tracker
+from pipeline.variants import Variant
 from tests.conftest import EXPERIMENTS, smoke_overrides
+from tests.conftest import prepare as prepare_in
 
 N_TRIALS = load_config(EXPERIMENTS / "smoke.toml").study.n_trials
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,7 @@ def sweep_args(idx_root: Path, stores: Stores, *extra: str) -> list[str]:
 
 
 def prepare(config, stores: Stores):
-    return prepare_study(config, stores.storage, Tracker(stores.tracking),
-                         lambda: load_pixels(config.data), progress=False)
+    return prepare_in(config, stores.storage, stores.tracking)
 
 
 def smoke(idx_root: Path, **overrides: object):
@@ -338,7 +337,7 @@ def test_a_study_whose_base_checkpoint_is_lost_stops_with_the_run_to_restore(
 ) -> None:
     config = smoke(idx_root, **{"study.n_trials": 1})
     sweep(config, stores)
-    base_run = stores.study().user_attrs["base_model.255"]["run_id"]
+    base_run = stores.study().user_attrs[base_attr(Variant(255))]["run_id"]
     (checkpoint,) = (tmp_path / "artifacts").rglob(f"{base_run}/artifacts/model/state_dict.pt")
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # truncated
     result = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=2"))
@@ -353,9 +352,9 @@ def test_a_single_worker_sweep_loads_the_data_once(
 
     def counted(config: object):
         loads.append(config)
-        return load_pixels(config)
+        return load_inputs(config)
 
-    monkeypatch.setattr(workers, "load_pixels", counted)
+    monkeypatch.setattr(workers, "load_inputs", counted)
     sweep(smoke(idx_root, **{"study.n_trials": 2}), stores)
     assert len(loads) == 1
 
@@ -392,7 +391,7 @@ def test_each_encoding_trains_one_base_model_shared_by_its_trials_and_by_a_resum
     trained = bases()
     assert sorted(trained.values()) == ["15", "255"]  # the second trial of 15 trained none
     study = stores.study()
-    recorded = study_bases(study)
+    recorded = {b.variant.spikes_per_pixel: b for b in study_bases(study).values()}
     assert {k: b.run_id for k, b in recorded.items()} == {int(v): run for run, v in trained.items()}
     assert recorded[15].test.input_layer_synops < recorded[255].test.input_layer_synops / 10
     for run in stores.runs():
@@ -401,7 +400,7 @@ def test_each_encoding_trains_one_base_model_shared_by_its_trials_and_by_a_resum
             assert run.data.tags["synops.base_run_id"] == recorded[encoding].run_id
             low, high = recorded[encoding].target_synops
             assert low <= float(run.data.params["train.target_synops"]) <= high
-    assert sum(t.user_attrs.get("spikes_per_pixel") == 15 for t in study.trials) == 2
+    assert sum(t.user_attrs["variant"]["spikes_per_pixel"] == 15 for t in study.trials) == 2
 
     prepared = prepare(smoke(idx_root, **{"study.n_trials": 6, "study.confirm_seeds": 0}), stores)
     prepared.study.enqueue_trial({"spikes_per_pixel": 15})

@@ -40,7 +40,7 @@ FLAT_MODELS = {
         lambda: nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), NeuromorphicReLU(), nn.Conv2d(3, 2, 2)),
         (2, 1, 6, 6),
     ),
-    "tutorial_net": (lambda: build_model(ModelConfig()), (4, 1, 28, 28)),
+    "tutorial_net": (lambda: build_model(ModelConfig(), (1, 28, 28), 10), (4, 1, 28, 28)),
 }
 
 
@@ -98,7 +98,7 @@ def test_counts_layers_at_any_depth_like_the_flattened_model() -> None:
 
 
 def test_total_is_differentiable_and_resets_each_forward_pass() -> None:
-    model = build_model(ModelConfig())
+    model = build_model(ModelConfig(), (1, 28, 28), 10)
     with SynOpsCounter(model) as counter:
         model(spikes(2, 1, 28, 28) * 50)
         first = counter.total.item()
@@ -111,7 +111,7 @@ def test_total_is_differentiable_and_resets_each_forward_pass() -> None:
 
 
 def test_fan_out_maps_are_computed_once_per_layer_and_shape() -> None:
-    model = build_model(ModelConfig())
+    model = build_model(ModelConfig(), (1, 28, 28), 10)
     with SynOpsCounter(model) as counter:
         for batch in (2, 5, 2):
             model(spikes(batch, 1, 28, 28))
@@ -121,7 +121,7 @@ def test_fan_out_maps_are_computed_once_per_layer_and_shape() -> None:
 
 
 def test_hooks_are_removed_on_exit() -> None:
-    model = build_model(ModelConfig())
+    model = build_model(ModelConfig(), (1, 28, 28), 10)
     with SynOpsCounter(model) as counter:
         model(spikes(1, 1, 28, 28))
     model(torch.zeros(1, 1, 28, 28))
@@ -130,7 +130,7 @@ def test_hooks_are_removed_on_exit() -> None:
 
 
 def test_channels_last_feature_maps_count_the_same() -> None:
-    model = build_model(ModelConfig())
+    model = build_model(ModelConfig(), (1, 28, 28), 10)
     reference = nn.Sequential(*[copy.deepcopy(m) for m in model]).to(memory_format=torch.contiguous_format)
     x = spikes(3, 1, 28, 28) * 40
     with SynOpsCounter(model) as fast, SynOpsCounter(reference) as plain:
@@ -146,7 +146,7 @@ def test_building_a_model_leaves_the_global_random_state_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    first = build_model(ModelConfig())
+    first = build_model(ModelConfig(), (1, 28, 28), 10)
     assert torch.equal(torch.rand(3), expected)
-    for a, b in zip(first.parameters(), build_model(ModelConfig()).parameters(), strict=True):
+    for a, b in zip(first.parameters(), build_model(ModelConfig(), (1, 28, 28), 10).parameters(), strict=True):
         assert torch.equal(a, b)  # the same config always starts from the same network

@@ -48,7 +48,7 @@ def test_the_penalty_lowers_the_synops_above_the_input_floor(idx_root: Path) -> 
     data = load_dataset(config.data)
 
     def trainable_synops(train_config: TrainConfig) -> float:
-        model = build_model(config.model)
+        model = build_model(config.model, (1, 28, 28), 10)
         train(model, data, train_config, progress=False)
         result = evaluate(model, data.val)
         return result.synops_mean - result.synops_per_layer["0"]
@@ -67,7 +67,7 @@ def test_a_diverging_loss_raises(idx_root: Path) -> None:
     diverging = TrainConfig(epochs=1, batch_size=64, penalty="mse", penalty_weight=1e300,
                             target_synops=1.0)
     with pytest.raises(DivergedError, match="loss became"):
-        train(build_model(config.model), data, diverging, progress=False)
+        train(build_model(config.model, (1, 28, 28), 10), data, diverging, progress=False)
 
 
 def run_cli(*args: str) -> object:
@@ -102,7 +102,7 @@ def test_train_logs_a_complete_run_and_reuses_the_base_model(idx_root: Path, tra
         run_id=run.info.run_id, artifact_path="model/state_dict.pt", tracking_uri=tracking_uri
     )
     state = torch.load(state_path, weights_only=True)
-    build_model(load_config(EXPERIMENTS / "smoke.toml").model).load_state_dict(state)
+    build_model(load_config(EXPERIMENTS / "smoke.toml").model, (1, 28, 28), 10).load_state_dict(state)
 
     again = run_cli("train", *smoke_args(idx_root, tracking_uri), "--penalty-weight", "3")
     assert again.exit_code == 0, again.output

@@ -43,9 +43,8 @@ def ensure_variant_base(study: optuna.Study, storage: optuna.storages.BaseStorag
     if attr in study.user_attrs:
         return BaseRecord.from_record(study.user_attrs[attr])
     study_config = config.study
-    with lease(storage, lease_name(config.name, f"base-{variant.key}"),
-               study_config.heartbeat_interval, study_config.grace_period, study_config.wait_timeout,
-               training.on_wait, training.should_stop):
+    with lease(storage, lease_name(config.name, f"base-{variant.key}"), study_config.wait_timeout,
+               training.on_wait, training.should_stop) as held:
         stored = study.user_attrs.get(attr)  # another worker may have trained it while we waited
         if stored is not None:
             return BaseRecord.from_record(stored)
@@ -58,6 +57,7 @@ def ensure_variant_base(study: optuna.Study, storage: optuna.storages.BaseStorag
         record = BaseRecord(variant, base.run_id, base.val, base.test,
                             resolve_target_bounds(designed, base.val.input_layer_synops,
                                                   base.val.synops_mean))
+        held.verify()  # a holder that lost its lease meanwhile must not record its base model
         study.set_user_attr(attr, record.to_record())
         parent = study.user_attrs.get(ATTR_PARENT_RUN)
         if parent is not None:  # the first base model is trained before the parent run exists

@@ -27,7 +27,7 @@ from pipeline.front import (
     confirmations,
 )
 from pipeline.run import RunResult, run_tracked
-from pipeline.sweep.lease import lease, lease_name
+from pipeline.sweep.lease import Lease, lease, lease_name
 from pipeline.sweep.objective import VariantBases
 from pipeline.sweep.space import reference_config, suggest_config
 from pipeline.sweep.storage import PreparedStudy
@@ -77,13 +77,14 @@ def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, bases: Vari
     """Run the missing confirmations of the current front; returns how many ran. A confirmation
     that fails is reported and left for the next run; a stop request raises KeyboardInterrupt."""
     study = config.study
-    with lease(prepared.storage, lease_name(config.name, "confirm"), study.heartbeat_interval,
-               study.grace_period, study.wait_timeout, echo, should_stop):
-        return _confirm(config, prepared, bases, progress, should_stop, echo)
+    with lease(prepared.storage, lease_name(config.name, "confirm"), study.wait_timeout, echo,
+               should_stop) as held:
+        return _confirm(config, prepared, bases, progress, should_stop, echo, held)
 
 
 def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
-             progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
+             progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None],
+             held: Lease) -> int:
     study, record, tracker = prepared.study, prepared.record, bases.training.tracker
     close_dead_confirmations(study, tracker)
     ran = 0
@@ -110,6 +111,7 @@ def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBa
                  f"{time.perf_counter() - started:.0f} s: {type(err).__name__}: {err}")
             continue
         confirmation = Confirmation(trial.number, seed, result.run_id, result.val, result.test)
+        held.verify()  # a holder that lost the lease meanwhile must not record a confirmation
         study.set_user_attr(confirm_key(CONFIRM_RESULT_PREFIX, trial.number, seed),
                             confirmation.to_record())
         echo(confirmation_line(trial.number, seed, result))

@@ -39,7 +39,7 @@ from pipeline.front import (
 from pipeline.inputs import StudyInputs, fingerprint_changes
 from pipeline.secrets import redact_url
 from pipeline.sweep.bases import BaseTraining, ensure_variant_base, log_base_to_parent
-from pipeline.sweep.lease import lease, lease_name
+from pipeline.sweep.lease import Lease, lease, lease_name
 from pipeline.sweep.space import StudyPlan, parameter_meaning
 from pipeline.tracking import TAG_ROLE, Tracker
 from pipeline.train import EpochStats
@@ -174,7 +174,7 @@ def _searched(bounds: SearchBounds) -> list[str]:
 
 def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
                    config: ExperimentConfig, storage_url: str, inputs: StudyInputs, plan: StudyPlan,
-                   training: BaseTraining) -> StudyRecord:
+                   training: BaseTraining, held: Lease) -> StudyRecord:
     """Train (or reuse) the first variant's base model, open the parent run, and store the
     study's record. The record version is written last: a preparation that dies half-way is
     redone."""
@@ -182,6 +182,7 @@ def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
     first: Variant = bounds.variants[0]
     base = ensure_variant_base(study, storage, config, first, inputs, training)
     tracker, experiment_id = training.tracker, training.experiment_id
+    held.verify()  # a holder that lost the lease meanwhile must not open a second parent run
     parent = tracker.start_run(experiment_id, f"study-{config.name}", {
         TAG_ROLE: "study", "synops.study": config.name, "synops.storage": redact_url(storage_url),
         "synops.sampler": config.study.sampler,
@@ -205,6 +206,7 @@ def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
     study.set_user_attr(ATTR_INPUTS, {"kind": record.kind, "num_classes": record.num_classes,
                                       "fingerprints": record.fingerprints})
     study.set_user_attr(ATTR_PARENT_RUN, parent.run_id)
+    held.verify()
     study.set_user_attr(ATTR_SCHEMA, SCHEMA_VERSION)
     return record
 
@@ -224,8 +226,8 @@ def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker, 
     study = optuna.create_study(study_name=config.name, storage=storage, directions=DIRECTIONS,
                                 load_if_exists=True)
     training = BaseTraining(tracker, experiment_id, progress, should_stop, on_epoch, on_wait)
-    with lease(storage, lease_name(config.name, "prepare"), config.study.heartbeat_interval,
-               config.study.grace_period, config.study.wait_timeout, on_wait, should_stop):
+    with lease(storage, lease_name(config.name, "prepare"), config.study.wait_timeout, on_wait,
+               should_stop) as held:
         if ATTR_SCHEMA in study.user_attrs or study.trials:
             record = StudyRecord.load(study)  # StudyFormatError for another version's study
             check_resumable(record, config, inputs)
@@ -236,6 +238,6 @@ def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker, 
             unfinished = study.user_attrs.get(ATTR_PARENT_RUN)
             if unfinished and tracker.status(unfinished) == "RUNNING":
                 tracker.close(unfinished, "FAILED", "the study's preparation did not finish; redone")
-            record = _create_record(study, storage, config, storage_url, inputs, plan, training)
+            record = _create_record(study, storage, config, storage_url, inputs, plan, training, held)
         ensure_reference_trial(study, config)
     return PreparedStudy(study, storage, record, experiment_id)

@@ -166,9 +166,10 @@ def claim_worker_number(config: ExperimentConfig, prepared: PreparedStudy) -> in
     """A number no other worker of this study has had, on this machine or another: the same
     command started on every machine must not propose the same trials."""
     study = config.study
-    with lease(prepared.storage, lease_name(config.name, "workers"), study.heartbeat_interval,
-               study.grace_period, study.wait_timeout, should_stop=stop_requested):
+    with lease(prepared.storage, lease_name(config.name, "workers"), study.wait_timeout,
+               should_stop=stop_requested) as held:
         number = prepared.study.user_attrs.get(ATTR_WORKER_STARTS, 0)
+        held.verify()
         prepared.study.set_user_attr(ATTR_WORKER_STARTS, number + 1)
     return number
 
