@@ -292,11 +292,11 @@ def _snn_row(check: SpikingEvaluation | SpikingFailure | None) -> dict[str, Any]
     if isinstance(check, SpikingFailure):
         return dict.fromkeys(SNN_COLUMNS) | {"snn_failure": check.reason}
     settings = check.settings
-    return {"snn_test_accuracy": check.accuracy, "snn_ann_accuracy": check.ann_accuracy,
-            "snn_agreement": check.agreement,
-            "snn_synops_ratio": check.synops_ratio, "snn_samples": check.samples,
-            "snn_settings": f"{settings['encoding']}, {settings['steps']} steps, "
-                            f"{settings['spike_fn']}-spike"}
+    return dict.fromkeys(SNN_COLUMNS) | {
+        "snn_test_accuracy": check.accuracy, "snn_ann_accuracy": check.ann_accuracy,
+        "snn_agreement": check.agreement, "snn_synops_ratio": check.synops_ratio,
+        "snn_samples": check.samples,
+        "snn_settings": f"{settings['encoding']}, {settings['steps']} steps, {settings['spike_fn']}-spike"}
 
 
 def non_dominated(accuracy: pd.Series, synops: pd.Series) -> pd.Series:

@@ -47,20 +47,15 @@ FIXES = {nn.MaxPool2d: "use SumPool2d (pipeline.layers): a chip sums spikes",
 
 def spiking_obstacles(model: nn.Module) -> list[str]:
     """Why `model` cannot run as a spiking network with the ANN's meaning, layer by layer (empty
-    when it can): a leaf module that is not linear in time, or a weight layer with a bias (added
-    at every step, so the spiking network's sum is not the ANN's)."""
+    when it can): a leaf module that is not linear in time. (A bias is linear but added at every
+    step; the simulation shows what that costs rather than refusing it.)"""
     found = []
     for name, module in model.named_modules():
-        if list(module.children()):
-            continue
-        if not isinstance(module, TIME_LINEAR_LEAVES):
+        if not list(module.children()) and not isinstance(module, TIME_LINEAR_LEAVES):
             fix = next((f for kind, f in FIXES.items() if isinstance(module, kind)),
                        "replace it with layers that are linear in time and NeuromorphicReLU")
             found.append(f"layer '{name}' ({type(module).__name__}) gives a spiking network another "
                          f"result than the ANN: {fix}")
-        elif getattr(module, "bias", None) is not None:
-            found.append(f"layer '{name}' ({type(module).__name__}) has a bias, which a spiking "
-                         "network adds at every time step: build it with bias=False")
     return found
 
 

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from pipeline.cli import main
 from pipeline.front import study_bases
+from pipeline.variants import Variant
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome")
                  if (path := shutil.which(name))), None)
@@ -87,11 +88,11 @@ def test_the_pareto_page_draws_a_marker_per_finished_trial(
 ) -> None:
     study = optuna.load_study(study_name="smoke", storage=study_stores[0])
     finished = study.get_trials(states=(TrialState.COMPLETE,))
-    encodings = {t.user_attrs["spikes_per_pixel"] for t in finished} | set(study_bases(study))
+    variants = {Variant.from_record(t.user_attrs["variant"]).key for t in finished} | set(study_bases(study))
     page = parts(report / "pareto.html")
     assert page.svgs >= 1
-    # the trials' traces come first: dominated ones, each encoding's front, the tutorial recipe
-    assert sum(page.traces[: len(encodings) + 2]) == len(finished)
+    # the trials' traces come first: dominated ones, each variant's front, the tutorial recipe
+    assert sum(page.traces[: len(variants) + 2]) == len(finished)
 
 
 @pytest.mark.parametrize("name", ["index.html", "pareto.html"])

@@ -13,7 +13,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.data import load_pixels
 from pipeline.evaluate import Evaluation
 from pipeline.front import (
     Confirmation,
@@ -25,13 +24,13 @@ from pipeline.front import (
     on_means,
     wilson_interval,
 )
+from pipeline.inputs import load_inputs
 from pipeline.sweep.bases import BaseTraining
 from pipeline.sweep.confirm import confirm_front, pending
-from pipeline.sweep.objective import EncodedBases
-from pipeline.sweep.storage import prepare_study
+from pipeline.sweep.objective import VariantBases
 from pipeline.sweep.workers import run_sweep
 from pipeline.tracking import TAG_ROLE, Tracker
-from tests.conftest import EXPERIMENTS, smoke_overrides
+from tests.conftest import EXPERIMENTS, prepare, smoke_overrides
 
 
 @pytest.mark.parametrize(("hits", "n", "low", "high"), [
@@ -107,8 +106,8 @@ def swept(idx_root: Path, tmp_path: Path):
     run_sweep(config, storage, uri, progress=False, echo=lambda line: None)
     config = dataclasses.replace(config, study=dataclasses.replace(config.study, confirm_seeds=2))
     tracker = Tracker(uri)
-    prepared = prepare_study(config, storage, tracker, lambda: load_pixels(config.data), progress=False)
-    bases = EncodedBases(config, prepared, load_pixels(config.data),
+    prepared = prepare(config, storage, uri)
+    bases = VariantBases(config, prepared, load_inputs(config),
                          BaseTraining(tracker, prepared.experiment_id, progress=False))
     confirm = functools.partial(confirm_front, config, prepared, bases, False)
     return config, prepared, tracker, confirm

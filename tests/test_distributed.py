@@ -126,7 +126,8 @@ def test_three_machines_started_together_share_one_study_one_base_and_one_parent
     experiment = client.get_experiment_by_name("smoke")
     runs = client.search_runs([experiment.experiment_id])
     roles = [r.data.tags.get("synops.role") for r in runs]
-    encodings = {t.user_attrs["spikes_per_pixel"] for t in complete if not t.user_attrs.get("reference")}
+    encodings = {t.user_attrs["variant"]["spikes_per_pixel"] for t in complete
+                 if not t.user_attrs.get("reference")}
     bases = [r for r in runs if r.data.tags.get("synops.role") == "base"]
     assert sorted(int(r.data.params["data.spikes_per_pixel"]) for r in bases) \
         == sorted(encodings | {255})  # one base model per encoding, trained by one machine

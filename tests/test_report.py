@@ -43,9 +43,9 @@ def test_report_files_hold_the_front(study_stores: tuple[str, str, list[str]], t
     knee = choose(study).knee_member  # chosen on the seed means: smoke.toml confirms its front
     assert knee["on_front"]
     assert f"Knee: trial {int(knee['trial'])}" in summary
-    assert f"input encoding **{int(knee['spikes_per_pixel'])} spikes per pixel**" in summary
-    assert set(front["spikes_per_pixel"]) <= {255, 15} and "on_encoding_front" in front
-    assert "## Input encodings" in summary and "| 15 " in summary and "| 255 " in summary
+    assert f"variant **{int(knee['spikes_per_pixel'])} spikes/pixel**" in summary
+    assert set(front["spikes_per_pixel"]) <= {255, 15} and "on_variant_front" in front
+    assert "## Variants" in summary and "| 15 spikes/pixel " in summary and "| 255 spikes/pixel " in summary
     assert "tutorial recipe" in summary and "unpenalised base model" in summary
     assert "1 failed, 1 running" in summary
     assert "Rule (on the validation seed means): " in summary  # smoke.toml confirms its front
@@ -66,7 +66,8 @@ def test_export_writes_a_loadable_checkpoint_and_card(
     card = json.loads((out / "card.json").read_text())
     assert card["on_front"] and card["metrics"]["test_synops_mean"] > 0
     config = load_config(out / "config.toml")
-    build_model(config.model, (1, 28, 28), 10).load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    model = build_model(config.model, tuple(card["input_shape"]), card["num_classes"])
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     missing = CliRunner().invoke(main, ["export", *args, "--trial", "999", "--out", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "not a finished trial" in missing.output
 
@@ -117,7 +118,7 @@ def test_report_describes_the_study_as_it_was_run_and_quotes_the_budgets_asked_f
                                        "--set=report.budgets=[123456.0]", "--set=data.val_size=150"])
     assert result.exit_code == 0, result.output
     summary = (out / "report.md").read_text()
-    assert "validation: 100 held-out" in summary  # as the study was run
+    assert "validation: 100 samples held out" in summary  # as the study was run
     assert "1.23e+05" in summary  # the budgets are the reader's question
 
 
@@ -144,6 +145,6 @@ def test_a_knee_at_an_encoding_the_study_does_not_search_is_reported(
     result = CliRunner().invoke(main, ["report", *args, "--out", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
     summary = (tmp_path / "report" / "report.md").read_text()
-    assert "input encoding **255 spikes per pixel**" in summary  # the reference trial is the knee
+    assert "variant **255 spikes/pixel**" in summary  # the reference trial is the knee
     assert "unpenalised base model (15 spikes/pixel)" in summary
-    assert "input-layer floor of its encoding: " in summary
+    assert "input-layer floor of its variant: " in summary

@@ -148,5 +148,6 @@ def test_building_a_model_leaves_the_global_random_state_alone() -> None:
     torch.manual_seed(123)
     first = build_model(ModelConfig(), (1, 28, 28), 10)
     assert torch.equal(torch.rand(3), expected)
-    for a, b in zip(first.parameters(), build_model(ModelConfig(), (1, 28, 28), 10).parameters(), strict=True):
+    second = build_model(ModelConfig(), (1, 28, 28), 10)
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)  # the same config always starts from the same network

@@ -42,15 +42,20 @@ def resolve_target_bounds(config: ExperimentConfig, floor: float, base_synops: f
     """`study.space.target_synops` with 0 read as measured: just above the input-layer floor
     (SynOps no training can remove) up to the unpenalised base model's SynOps. Called before the
     base model is trained (`base_synops` unknown: only an explicit upper bound is checked) and
-    after. Raises `ConfigError` when the range is empty."""
+    after. Raises `ConfigError` when the configured range is empty. A base model that needs no
+    more than 1.05 x its floor (its deeper layers barely spike) leaves nothing to search: the
+    range is that one target, and its trials fine-tune without an active penalty."""
     low, high = config.study.space.target_synops
+    configured_high = high
     low, high = low or floor * FLOOR_MARGIN, high or base_synops
-    if not 0 < low < high:
+    if not configured_high and math.isfinite(base_synops) and high <= low:
+        return low, low
+    if not 0 < low < high or high <= floor:
         raise ConfigError(
             "study.space.target_synops",
             f"{list(config.study.space.target_synops)} resolves to [{low:.3g}, {high:.3g}], an empty "
-            f"range (input-layer floor {floor:.3g}: a 0 low bound is {FLOOR_MARGIN} x the floor; "
-            f"a 0 high bound is the base model's SynOps, {base_synops:.3g})")
+            f"range (input-layer floor {floor:.3g}, which no training can go below: a 0 low bound is "
+            f"{FLOOR_MARGIN} x the floor; a 0 high bound is the base model's SynOps, {base_synops:.3g})")
     return low, high
 
 
