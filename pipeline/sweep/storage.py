@@ -239,5 +239,6 @@ def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker, 
             if unfinished and tracker.status(unfinished) == "RUNNING":
                 tracker.close(unfinished, "FAILED", "the study's preparation did not finish; redone")
             record = _create_record(study, storage, config, storage_url, inputs, plan, training, held)
+        held.verify()  # a holder that lost the lease meanwhile must not queue a second reference
         ensure_reference_trial(study, config)
     return PreparedStudy(study, storage, record, experiment_id)

@@ -49,7 +49,7 @@ from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signal
 from pipeline.memory import keep_freed_memory
 from pipeline.sweep.bases import BaseTraining
 from pipeline.sweep.confirm import confirm_front
-from pipeline.sweep.lease import LeaseTimeoutError, lease, lease_name
+from pipeline.sweep.lease import LeaseLostError, LeaseTimeoutError, lease, lease_name
 from pipeline.sweep.objective import BaseModelUnavailableError, TrialRunner, VariantBases
 from pipeline.sweep.space import make_sampler, plan_study, sampler_seed
 from pipeline.sweep.storage import PreparedStudy, close_orphaned_runs, open_storage, prepare_study
@@ -250,7 +250,7 @@ def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: st
             bases = VariantBases(config, prepared, load_inputs(config),
                                  worker_training(config, prepared, tracker, False, echo))
             run_worker(config, prepared, bases, echo=echo)
-        except (TooManyFailuresError, BaseModelUnavailableError, LeaseTimeoutError) as err:
+        except (TooManyFailuresError, BaseModelUnavailableError, LeaseTimeoutError, LeaseLostError) as err:
             print(f"worker {worker}: {err}", file=sys.stderr)
             sys.exit(3)
 
