@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from pipeline.chip_profiles import CHIP_NAMES
 from pipeline.config import PENALTIES, ExperimentConfig, load_config, parse_override
 from pipeline.errors import EXIT_BAD_INPUT, ConfigError, PipelineError
 from pipeline.interrupt import stop_on_signals, stop_requested
@@ -378,3 +379,57 @@ def snn(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None
                             config.data.verify_checksums, tracker, progress=progress)
     for member, result in zip(members, results, strict=True):
         click.echo(describe(member, result))
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("--chip", type=click.Choice(CHIP_NAMES), default=CHIP_NAMES[0], show_default=True,
+              help="The chip profile to check against.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="A study's experiment TOML, to check its members (with --trial, --knee or --front).")
+@set_option
+@tracking_option
+@storage_option
+@trial_option("Check this finished trial of the study.")
+@click.option("--knee", is_flag=True, help="Check the front's knee.")
+@click.option("--front", "whole_front", is_flag=True, help="Check every front member.")
+@click.option("--max-samples", type=click.IntRange(min=0), default=None,
+              help="Test samples to simulate as a spiking network [default: snn.max_samples; 0 = all].")
+@click.option("--data-root", default=None, help="Where a run's data lives, if not where it was trained.")
+@_fail_cleanly
+def deploy(run_id: str | None, chip: str, config_path: str | None, assignments: tuple[str, ...],
+           tracking_uri: str | None, storage: str | None, trial_number: int | None, knee: bool,
+           whole_front: bool, max_samples: int | None, data_root: str | None) -> None:
+    """Will it run on the chip? Per layer, the core it takes and its memory use, or why it cannot;
+    then the network on the chip's 8-bit weights and integer thresholds, evaluated on the test set
+    (as an ANN and as an integrate-and-fire network) beside the float numbers, logged to its run.
+    Give a RUN_ID (any tracked run), or --config with --trial N, --knee or --front."""
+    from pipeline.config import SNNConfig
+    from pipeline.deploy_check import deploy_members, deploy_run
+    from pipeline.front import StudyRecord
+    from pipeline.snn_check import chosen_members, members_test_data
+    from pipeline.sweep.storage import load_study, resolve_storage
+    from pipeline.tracking import Tracker, resolve_tracking_uri
+
+    chosen = sum([trial_number is not None, knee, whole_front])
+    if (run_id is None) == (config_path is None) or (config_path is not None) != (chosen == 1):
+        raise click.UsageError("give a RUN_ID, or --config with exactly one of --trial N, --knee or --front")
+    if max_samples is not None:
+        assignments += (f"snn.max_samples={max_samples}",)
+    tracker = Tracker(resolve_tracking_uri(tracking_uri))
+    if run_id is not None:
+        spiking = SNNConfig(**({"max_samples": max_samples} if max_samples is not None else {}))
+        for line in deploy_run(run_id, tracker, chip, spiking, data_root).lines():
+            click.echo(line)
+        return
+    config = _resolve_config(config_path, assignments, {})
+    study = load_study(config.name, resolve_storage(storage))
+    members = chosen_members(study, trial_number, knee)
+    tests = members_test_data(StudyRecord.load(study), members, config.data.root,
+                              config.data.verify_checksums)
+    for member, deployment in zip(members, deploy_members(study, members, chip, tests, tracker, config.snn),
+                                  strict=True):
+        click.echo(f"trial {member.number} ({member.variant.label}; float: test {member.test.accuracy:.2%} "
+                   f"at {member.test.synops_mean:.4g} SynOps):")
+        for line in deployment.lines():
+            click.echo(f"  {line}")

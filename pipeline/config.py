@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from pipeline.chip_profiles import CHIP_NAMES
 from pipeline.errors import ConfigError
 
 PENALTIES = ("none", "mse", "hinge")
@@ -216,6 +217,21 @@ class SearchSpace:
 
 
 @dataclass(frozen=True)
+class ConstraintsConfig:
+    """What every trial's network must satisfy. `chip`: the name of a chip profile
+    (`pipeline.chip_profiles.CHIPS`; "" = none): a trial whose network cannot be mapped onto the
+    chip's cores is recorded as infeasible (Optuna's constraints, so samplers learn from it) and
+    never trained or on the front; every other trial is quantised to the chip's integers and
+    evaluated so."""
+
+    chip: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.chip in ("", *CHIP_NAMES), "study.constraints.chip",
+                 f"must be one of {CHIP_NAMES} (or empty for none), got {self.chip!r}")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """The Optuna study that traces the accuracy-vs-SynOps front."""
 
@@ -230,6 +246,7 @@ class StudyConfig:
     grace_period: int = 30
     wait_timeout: int = 3600
     space: SearchSpace = field(default_factory=SearchSpace)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
 
     def __post_init__(self) -> None:
         _require(self.sampler in SAMPLERS, "study.sampler", f"must be one of {SAMPLERS}")

@@ -16,7 +16,7 @@ from pipeline.synops import SynOpsCounter
 
 
 @dataclass(frozen=True)
-class ChipProfile:
+class EnergyProfile:
     """Energy one synaptic operation costs on a chip, with where the figure comes from."""
 
     picojoules_per_synop: float
@@ -24,15 +24,15 @@ class ChipProfile:
 
 
 _SENECA_TABLE = "Tang et al. 2023, SENECA, Frontiers in Neuroscience, Table 3"
-CHIP_PROFILES: dict[str, ChipProfile] = {
-    "loihi": ChipProfile(23.6, _SENECA_TABLE),
-    "truenorth": ChipProfile(2.5, _SENECA_TABLE),
-    "tianjic": ChipProfile(1.54, _SENECA_TABLE),
-    "odin": ChipProfile(12.7, _SENECA_TABLE),
-    "reckon": ChipProfile(5.3, _SENECA_TABLE),
-    "spinnaker": ChipProfile(45.0, _SENECA_TABLE),
-    "spinnaker2": ChipProfile(10.0, _SENECA_TABLE),
-    "seneca": ChipProfile(2.8, _SENECA_TABLE),
+ENERGY_PROFILES: dict[str, EnergyProfile] = {
+    "loihi": EnergyProfile(23.6, _SENECA_TABLE),
+    "truenorth": EnergyProfile(2.5, _SENECA_TABLE),
+    "tianjic": EnergyProfile(1.54, _SENECA_TABLE),
+    "odin": EnergyProfile(12.7, _SENECA_TABLE),
+    "reckon": EnergyProfile(5.3, _SENECA_TABLE),
+    "spinnaker": EnergyProfile(45.0, _SENECA_TABLE),
+    "spinnaker2": EnergyProfile(10.0, _SENECA_TABLE),
+    "seneca": EnergyProfile(2.8, _SENECA_TABLE),
 }
 # For comparison: one 32-bit float MAC at 45 nm (Horowitz, ISSCC 2014).
 FLOAT32_MAC_PICOJOULES = 4.6
@@ -40,7 +40,7 @@ FLOAT32_MAC_PICOJOULES = 4.6
 
 def energy_per_sample(synops: float) -> dict[str, float]:
     """Microjoules per sample on each chip profile for a network needing `synops` per sample."""
-    return {chip: synops * p.picojoules_per_synop * 1e-6 for chip, p in CHIP_PROFILES.items()}
+    return {chip: synops * p.picojoules_per_synop * 1e-6 for chip, p in ENERGY_PROFILES.items()}
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,86 @@ def spiking_result_from_record(record: dict[str, Any]) -> SpikingEvaluation | Sp
     if "failure" in record:
         return SpikingFailure(record["failure"])
     return SpikingEvaluation.from_record(record)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A network checked for `chip`: whether it fits (and on how many cores, per layer where, or why
+    not), its test accuracy and SynOps with the chip's integer weights and thresholds (`quantized`,
+    as the ANN evaluator runs them: all input at once), optionally as a spiking network
+    (`spiking`), the quantisation's own problems, NeuroBench's metrics of the quantised network,
+    its footprints and membrane values beyond the chip's range."""
+
+    chip: str
+    fits: bool
+    cores_used: int
+    core_count: int
+    summary: str
+    placements: list[dict[str, Any]]
+    problems: list[dict[str, str]]
+    quantized: Evaluation
+    quantization_problems: list[str]
+    thresholds: dict[str, int]
+    effective_macs: float
+    effective_acs: float
+    dense_synops: float
+    activation_sparsity: float
+    chip_footprint_bytes: int
+    float_footprint_bytes: int
+    membrane_overflows: int
+    spiking: SpikingEvaluation | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["quantized"] = self.quantized.to_record()
+        record["spiking"] = self.spiking.to_record() if self.spiking is not None else None
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Deployment:
+        values = dict(record)
+        values["quantized"] = Evaluation.from_record(record["quantized"])
+        values["spiking"] = (SpikingEvaluation.from_record(record["spiking"])
+                             if record.get("spiking") else None)
+        return cls(**values)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metric names as logged to the network's MLflow run (`<chip>_...`)."""
+        values = {"fits": float(self.fits), "cores_used": float(self.cores_used),
+                  "quantized_test_accuracy": self.quantized.accuracy,
+                  "quantized_test_synops_mean": self.quantized.synops_mean,
+                  "effective_macs": self.effective_macs, "effective_acs": self.effective_acs,
+                  "activation_sparsity": self.activation_sparsity,
+                  "footprint_bytes": float(self.chip_footprint_bytes),
+                  "membrane_overflows": float(self.membrane_overflows)}
+        if self.spiking is not None:
+            values |= {"quantized_snn_test_accuracy": self.spiking.accuracy,
+                       "quantized_snn_synops_mean": self.spiking.synops_mean}
+        return {f"{self.chip}_{key}": value for key, value in values.items()}
+
+    def lines(self) -> list[str]:
+        """What a person reads: the fit, each layer's core and memory or the reasons, and the
+        quantised numbers."""
+        lines = [self.summary]
+        for placement in self.placements:
+            if placement["core"] is None:
+                continue
+            lines.append(f"  layer '{placement['layer']}': core {placement['core']}, kernel memory "
+                         f"{placement['kernel_memory']} of {placement['kernel_limit']}, neuron memory "
+                         f"{placement['neuron_memory']} of {placement['neuron_limit']}")
+        lines += [f"  {p['reason']}" for p in self.problems]
+        lines.append(f"  8-bit weights, thresholds {self.thresholds}: test accuracy "
+                     f"{self.quantized.accuracy:.2%} at {self.quantized.synops_mean:.4g} SynOps per sample"
+                     + (f"; as a spiking network {self.spiking.accuracy:.2%} at "
+                        f"{self.spiking.synops_mean:.4g} ({self.spiking.samples} images)"
+                        if self.spiking is not None else ""))
+        lines += [f"  {problem}" for problem in self.quantization_problems]
+        lines.append(f"  footprint {self.chip_footprint_bytes} bytes at 8 bits ({self.float_footprint_bytes} "
+                     f"as float); NeuroBench: {self.effective_macs:.4g} effective MACs, "
+                     f"{self.effective_acs:.4g} effective ACs per sample, activation sparsity "
+                     f"{self.activation_sparsity:.3f}; membrane values beyond "
+                     f"16 bits: {self.membrane_overflows}")
+        return lines
 
 
 @torch.no_grad()

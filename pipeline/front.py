@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.config import ExperimentConfig, config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (
+    Deployment,
     Evaluation,
     SpikingEvaluation,
     SpikingFailure,
@@ -55,9 +56,12 @@ ATTR_VARIANT = "variant"  # the trial's variant (encoding and searched arguments
 ATTR_INPUT_SHAPE = "input_shape"  # (C, H, W) of its data, to rebuild its network
 ATTR_NUM_CLASSES = "num_classes"
 ATTR_TARGET = "target_synops"  # the SynOps target its position resolved to, on its variant
+ATTR_INFEASIBLE = "infeasible"  # why its network does not fit the study's chip (not trained)
 ATTR_WORKER = "worker"  # host:pid of the process that ran it, to trace a trial to its machine
-# Study user attribute per member checked as a spiking network (finished trials are read-only).
+# Study user attributes per member checked as a spiking network or for a chip (finished trials
+# are read-only).
 SNN_ATTR_PREFIX = "snn_check."
+DEPLOY_ATTR_PREFIX = "deploy."
 # The trials table's parameter columns; searched factory and source arguments (`model.*`, `data.*`)
 # follow them.
 PARAM_COLUMNS = ("spikes_per_pixel", "penalty", "penalty_strength", "target_position",
@@ -205,8 +209,18 @@ class TrialRecord:
 
 
 def finished_trials(study: optuna.Study) -> list[TrialRecord]:
+    """Every trained COMPLETE trial (infeasible ones, whose network did not fit the study's chip,
+    were not trained)."""
     return [TrialRecord.from_trial(t)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if ATTR_INFEASIBLE not in t.user_attrs]
+
+
+def infeasible_trials(study: optuna.Study) -> dict[int, tuple[Variant, str]]:
+    """Trials whose network does not fit the study's chip: their variant and why, by number."""
+    return {t.number: (Variant.from_record(t.user_attrs[ATTR_VARIANT]), t.user_attrs[ATTR_INFEASIBLE])
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if ATTR_INFEASIBLE in t.user_attrs}
 
 
 def param_columns(frame: pd.DataFrame) -> list[str]:
@@ -238,6 +252,12 @@ def spiking_checks(study: optuna.Study) -> dict[int, SpikingEvaluation | Spiking
     simulated), by trial number."""
     return {int(key.removeprefix(SNN_ATTR_PREFIX)): spiking_result_from_record(value)
             for key, value in study.user_attrs.items() if key.startswith(SNN_ATTR_PREFIX)}
+
+
+def deployments(study: optuna.Study) -> dict[int, Deployment]:
+    """The latest chip check of each member that has one, by trial number."""
+    return {int(key.removeprefix(DEPLOY_ATTR_PREFIX)): Deployment.from_record(value)
+            for key, value in study.user_attrs.items() if key.startswith(DEPLOY_ATTR_PREFIX)}
 
 
 def layer_column(layer: str) -> str:
@@ -282,6 +302,25 @@ def _row(record: TrialRecord) -> dict[str, Any]:
     }
 
 
+DEPLOY_COLUMNS = ("chip", "chip_fit", "chip_cores_used", "quantized_test_accuracy",
+                  "quantized_test_synops_mean", "quantized_snn_test_accuracy", "effective_macs",
+                  "effective_acs", "activation_sparsity", "chip_footprint_bytes", "membrane_overflows")
+
+
+def _deploy_row(deployment: Deployment | None) -> dict[str, Any]:
+    if deployment is None:
+        return dict.fromkeys(DEPLOY_COLUMNS)
+    return {"chip": deployment.chip, "chip_fit": deployment.summary,
+            "chip_cores_used": deployment.cores_used,
+            "quantized_test_accuracy": deployment.quantized.accuracy,
+            "quantized_test_synops_mean": deployment.quantized.synops_mean,
+            "quantized_snn_test_accuracy": deployment.spiking.accuracy if deployment.spiking else None,
+            "effective_macs": deployment.effective_macs, "effective_acs": deployment.effective_acs,
+            "activation_sparsity": deployment.activation_sparsity,
+            "chip_footprint_bytes": deployment.chip_footprint_bytes,
+            "membrane_overflows": deployment.membrane_overflows}
+
+
 SNN_COLUMNS = ("snn_test_accuracy", "snn_ann_accuracy", "snn_agreement", "snn_synops_ratio",
                "snn_samples", "snn_settings", "snn_failure")
 
@@ -311,15 +350,15 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     computed on the validation objectives) and on the front of its own variant. Parameters a
     study never searched are left out."""
     front = {t.number for t in study.best_trials}
-    checks = spiking_checks(study)
+    checks, deployed = spiking_checks(study), deployments(study)
     frame = pd.DataFrame([_row(r) | {"on_front": r.number in front} | _snn_row(checks.get(r.number))
-                          for r in finished_trials(study)])
+                          | _deploy_row(deployed.get(r.number)) for r in finished_trials(study)])
     if frame.empty:
         return frame
     frame["on_variant_front"] = pd.concat(
         [non_dominated(rows["val_accuracy"], rows["val_synops_mean"])
          for _, rows in frame.groupby("variant_key")]).sort_index()
-    unused = [c for c in (*PARAM_COLUMNS, *SNN_COLUMNS) if frame[c].isna().all()]
+    unused = [c for c in (*PARAM_COLUMNS, *SNN_COLUMNS, *DEPLOY_COLUMNS) if frame[c].isna().all()]
     return frame.drop(columns=unused)
 
 
@@ -430,9 +469,10 @@ def hypervolume_history(frame: pd.DataFrame, reference: tuple[float, float]) -> 
 
 @dataclass(frozen=True)
 class StudyCounts:
-    finished: int
+    finished: int  # COMPLETE, infeasible ones included (they count towards n_trials)
     failed: int
     running: int
+    infeasible: int
 
 
 def study_counts(study: optuna.Study) -> StudyCounts:
@@ -442,6 +482,7 @@ def study_counts(study: optuna.Study) -> StudyCounts:
         finished=sum(t.state == TrialState.COMPLETE for t in trials),
         failed=sum(t.state == TrialState.FAIL for t in trials),
         running=sum(t.state == TrialState.RUNNING for t in trials),
+        infeasible=sum(ATTR_INFEASIBLE in t.user_attrs for t in trials),
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.chip import ChipMapping, chip_fit
 from pipeline.config import ExperimentConfig
 from pipeline.data import Dataset, encode_pixels, load_pixels
 from pipeline.model import CHECK_SAMPLES, build_model, check_network, model_fingerprint
@@ -51,6 +52,12 @@ class StudyInputs:
         """A freshly initialised network of the variant, for its data's shape and classes."""
         data = self.raw[variant.data_key]
         return build_model(variant.apply(self.config).model, data.input_shape, data.num_classes)
+
+    @functools.cache  # noqa: B019 - kept for the life of the inputs, one per process
+    def chip_mapping(self, variant: Variant, chip: str) -> ChipMapping:
+        """Where the variant's network goes on `chip`'s cores, or why it cannot (its structure
+        decides, not its weights)."""
+        return chip_fit(self.network(variant), self.raw[variant.data_key].input_shape, chip)
 
     def base_fingerprints(self, variant: Variant) -> dict[str, str]:
         """What a base model of the variant depends on beyond its config: its data's arrays and

@@ -19,7 +19,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from pipeline.errors import EXIT_BAD_INPUT, PipelineError
-from pipeline.evaluate import CHIP_PROFILES, SpikingEvaluation
+from pipeline.evaluate import ENERGY_PROFILES, SpikingEvaluation, energy_per_sample
 from pipeline.figures import hypervolume_png, layers_png, pareto_html, pareto_png, snn_layers_png
 from pipeline.front import (
     ATTR_SECONDS,
@@ -36,6 +36,7 @@ from pipeline.front import (
     hypervolume_history,
     hypervolume_reference,
     indistinguishable_neighbours,
+    infeasible_trials,
     layer_column,
     param_columns,
     parent_run_tags,
@@ -98,6 +99,11 @@ def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "senec
         shown["SNN acc"] = accuracy.map("{:.2%}".format).where(accuracy.notna(), "")
         shown["SNN acc"] = shown["SNN acc"].where(~failed, "not simulated (below)")
         shown["SNN/ANN SynOps"] = ratio.map("{:.4f}".format).where(ratio.notna(), "")
+    if "chip_fit" in front:
+        checked = front["chip_fit"].notna()
+        shown["on the chip"] = front["chip_fit"].where(checked, "")
+        shown["8-bit test acc"] = front["quantized_test_accuracy"].map("{:.2%}".format).where(checked, "")
+        shown["8-bit SynOps"] = front["quantized_test_synops_mean"].map("{:.3g}".format).where(checked, "")
     shown["MLflow run"] = front["mlflow_run_id"].str[:8]
     return shown
 
@@ -183,6 +189,30 @@ def _spiking_blocks(front: pd.DataFrame, knee: pd.Series) -> list[tuple[str, obj
     return blocks + ([("img", "snn_layers.png")] if knee_checked else [])
 
 
+def _chip_blocks(front: pd.DataFrame, knee: pd.Series, infeasible: dict) -> list[tuple[str, object]]:
+    """Whether the front members run on the study's chip (`[study.constraints] chip` or
+    `synops deploy`), what quantisation to its integers costs, and which trials did not fit."""
+    if "chip_fit" not in front and not infeasible:
+        return []
+    rows = [f"trial {int(r['trial'])}: {r['chip_fit']}; on 8-bit weights test accuracy "
+            f"{r['quantized_test_accuracy']:.2%} (float {r['test_accuracy']:.2%}) at "
+            f"{r['quantized_test_synops_mean']:.3g} SynOps (float {r['test_synops_mean']:.3g}); "
+            f"footprint {int(r['chip_footprint_bytes'])} bytes; NeuroBench: "
+            f"{r['effective_macs']:.3g} effective MACs, {r['effective_acs']:.3g} ACs per sample, "
+            f"activation sparsity {r['activation_sparsity']:.3f}"
+            for _, r in front[front.get("chip_fit", pd.Series(None, index=front.index)).notna()].iterrows()]
+    rows += [f"trial {n} ({variant.label}) was not trained: {why}"
+             for n, (variant, why) in sorted(infeasible.items())]
+    return [("h2", "On the chip"),
+            ("p", "Each front member mapped onto the chip's cores (its published memory arithmetic "
+                  "and layer rules) and evaluated with the chip's 8-bit integer weights and integer "
+                  "thresholds; effective MACs/ACs and activation sparsity as NeuroBench defines them, "
+                  "the footprint at 8 bits. Simulated on a CPU: timing, power and the chip's own event "
+                  "routing are not. Trials whose network does not fit are infeasible: not trained, "
+                  "never on the front."),
+            ("list", rows)]
+
+
 def _noise_blocks(choice: Choice, detectable: float, val_size: int) -> list[tuple[str, object]]:
     """How far the front can be trusted: the detectable difference, members that cannot be told
     apart, and members that the seed means no longer put on the front."""
@@ -222,6 +252,10 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
     # a variant the study does not search, which then has none.
     bases = {b.variant.label: b for b in (record.bases.get(chosen.variant.key), record.base) if b}
     run_id = member["mlflow_run_id"]
+    infeasible_note = (f" ({counts.infeasible} of them infeasible: their network does not fit the "
+                       "chip)" if counts.infeasible else "")
+    quantized = pd.notna(member.get("quantized_test_synops_mean"))
+    synops = member["quantized_test_synops_mean"] if quantized else member["test_synops_mean"]
     best = choice.candidates["val_accuracy"].max()
     detectable = detectable_difference(best, int(member["val_samples"]))
     seeds = int(member["seeds"])
@@ -234,7 +268,7 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
               f"{int(member['val_samples'])} samples held out of the training samples unless the "
               f"source gives them; the test set is only reported). Network of the knee: "
               f"`{describe_model(designed.model)}`, {weights:,} weights. "
-              f"Trials: {counts.finished} finished, {counts.failed} failed, "
+              f"Trials: {counts.finished} finished{infeasible_note}, {counts.failed} failed, "
               f"{counts.running} running; {wall.total_seconds() / 60:.1f} min wall clock, "
               f"{training / 60:.1f} min of training runs."),
         ("img", "pareto.png"),
@@ -276,11 +310,15 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
               "cannot tell apart from the most accurate one (gap within 1.96 x the standard error "
               "of the difference of the two seed means), whatever its variant."),
         ("table", budget_table(choice.candidates, budgets)),
+        *_chip_blocks(front, member, infeasible_trials(study)),
         ("h2", "Energy per sample of the knee"),
+        ("p", "From its SynOps on the chip's integer weights (8-bit, after quantisation: "
+              f"{synops:.3g} per sample)." if quantized else f"From its SynOps ({synops:.3g} per sample)."),
         ("table", pd.DataFrame([
             {"chip": chip, "pJ/SynOp": p.picojoules_per_synop,
-             "µJ/sample": f"{member[energy_column(chip)]:.3g}", "source": p.source}
-            for chip, p in CHIP_PROFILES.items()])),
+             "µJ/sample": f"{energy:.3g}", "source": p.source}
+            for (chip, p), energy in zip(ENERGY_PROFILES.items(), energy_per_sample(synops).values(),
+                                         strict=True)])),
         ("h2", "Progress of the search"),
         ("p", f"Hypervolume of the validation front after each trial, measured from the reference "
               f"point accuracy {reference_point[0]:.0%} (chance level for "
@@ -393,7 +431,7 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
                    "test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_synops_mean",
                    "test_synops_p50", "test_synops_p95", "test_synops_max", *SEED_COLUMNS,
                    *[layer_column(name) for name in layers],
-                   *[energy_column(chip) for chip in CHIP_PROFILES],
+                   *[energy_column(chip) for chip in ENERGY_PROFILES],
                    *[c for c in SNN_COLUMNS if c in front], "mlflow_run_id"]
         front[columns].to_csv(staging / "front.csv", index=False)
         blocks = summary_blocks(study, record, frame, choice, reference_point,

@@ -186,6 +186,11 @@ class Tracker:
                 raise TrackingError(f"run {run_id}: checkpoint {CHECKPOINT_ARTIFACT} is "
                                     f"unreadable: {err}") from err
 
+    def load_text(self, run_id: str, artifact_file: str) -> str:
+        """A text artifact of a run (its `config.toml`, say); `TrackingError` if it cannot be read."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.download(run_id, artifact_file, Path(tmp)).read_text()
+
     def load_json(self, run_id: str, artifact_file: str) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             path = self.download(run_id, artifact_file, Path(tmp))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import optuna
@@ -13,6 +14,7 @@ from pipeline.data import Dataset
 from pipeline.errors import PipelineError
 from pipeline.front import (
     ATTR_FAILURE,
+    ATTR_INFEASIBLE,
     ATTR_INPUT_SHAPE,
     ATTR_NUM_CLASSES,
     ATTR_REFERENCE,
@@ -31,10 +33,14 @@ from pipeline.interrupt import shielded
 from pipeline.run import run_tracked
 from pipeline.sweep.bases import BaseTraining, ensure_variant_base
 from pipeline.sweep.lease import holder
-from pipeline.sweep.space import reference_config, suggest_config
+from pipeline.sweep.space import reference_config, suggest_config, suggest_variant
 from pipeline.sweep.storage import PreparedStudy
 from pipeline.tracking import TAG_ROLE, Tracker, TrackingError
 from pipeline.variants import Variant
+
+# The SynOps objective of an infeasible trial (its network does not fit the chip; it is not
+# trained): Optuna keeps infeasible trials off the front whatever their values.
+INFEASIBLE_SYNOPS = math.inf
 
 
 class BaseModelUnavailableError(PipelineError, RuntimeError):
@@ -99,6 +105,19 @@ class TrialRunner:
             if t.state == TrialState.COMPLETE or t.number < trial.number]
         return len(taken) >= self.config.study.n_trials
 
+    def _fits_the_chip(self, trial: optuna.Trial, variant: Variant) -> bool:
+        """With a chip constraint, record the variant's fit as the trial's constraint (0: fits; else
+        the number of problems, so samplers learn how far off it is) and, when it does not fit,
+        why: such a trial is infeasible, and never trained."""
+        chip = self.config.study.constraints.chip
+        if not chip:
+            return True
+        mapping = self.bases.inputs.chip_mapping(variant, chip)
+        trial.set_constraint(chip, float(len(mapping.problems)))
+        if not mapping.fits:
+            trial.set_user_attr(ATTR_INFEASIBLE, mapping.summary()[:2000])
+        return mapping.fits
+
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         if self._is_surplus(trial):
             trial.set_user_attr(ATTR_SURPLUS, True)
@@ -108,17 +127,20 @@ class TrialRunner:
         reference = bool(trial.user_attrs.get(ATTR_REFERENCE))
         kind = "reference" if reference else "trial"
         tags = {TAG_ROLE: kind, "trial_number": str(trial.number), "synops.study": self.config.name}
+        bounds = self.prepared.record.bounds
         try:
+            variant = self.bases.inputs.reference_variant if reference else suggest_variant(trial, bounds)
+            trial.set_user_attr(ATTR_VARIANT, variant.to_record())
+            if not self._fits_the_chip(trial, variant):
+                return 0.0, INFEASIBLE_SYNOPS
             if reference:
-                variant = self.bases.inputs.reference_variant
                 config, init_state = reference_config(self.config, variant), None
             else:  # its variant's base model may be trained first, here or by another worker
-                config, variant = suggest_config(trial, self.prepared.record.bounds, self.config,
-                                                 self.bases.target_range)
+                config, variant = suggest_config(trial, bounds, self.config, self.bases.target_range,
+                                                 variant)
                 init_state = self.bases.state(variant)
                 tags["synops.base_run_id"] = self.bases.base(variant).run_id
             data = self.bases.data(variant)
-            trial.set_user_attr(ATTR_VARIANT, variant.to_record())
             trial.set_user_attr(ATTR_INPUT_SHAPE, list(data.input_shape))
             trial.set_user_attr(ATTR_NUM_CLASSES, data.num_classes)
             trial.set_user_attr(ATTR_TARGET, config.train.target_synops)

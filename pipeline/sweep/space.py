@@ -82,13 +82,18 @@ class StudyPlan:
 
 def plan_study(config: ExperimentConfig, inputs: StudyInputs) -> StudyPlan:
     """Check what a sweep of `config` needs, before any store is touched: a base model to
-    fine-tune, no checkpoint it would ignore, and a non-empty target range on every variant.
-    Raises `ConfigError` naming the key."""
+    fine-tune, no checkpoint it would ignore, a non-empty target range on every variant and, with
+    a chip constraint, at least one variant whose network fits the chip. Raises `ConfigError`
+    naming the key."""
     if config.pretrain is None:
         raise ConfigError("pretrain", "a sweep fine-tunes a base model: add a [pretrain] table")
     if config.train.init_from:
         raise ConfigError("train.init_from", "a sweep fine-tunes the study's own base model and "
                           "would ignore this checkpoint: remove it (use `synops train` for it)")
+    chip = config.study.constraints.chip
+    if chip and not any(inputs.chip_mapping(v, chip).fits for v in inputs.variants):
+        reasons = "; ".join(f"{v.label}: {inputs.chip_mapping(v, chip).summary()}" for v in inputs.variants)
+        raise ConfigError("study.constraints.chip", f"no variant of the study fits {chip} ({reasons})")
     floors = {}
     for variant in inputs.variants:
         network = inputs.network(variant).to(config.device)
@@ -141,17 +146,23 @@ def make_sampler(config: ExperimentConfig, bounds: SearchBounds, seed: int
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
+def suggest_variant(trial: optuna.Trial, bounds: SearchBounds) -> Variant:
+    """The variant (encoding, network and source arguments) this trial tries: the searched ones
+    are categorical parameters, suggested first."""
+    choices = searched_parameters(list(bounds.variants))
+    return variant_of({name: trial.suggest_categorical(name, values)
+                       for name, values in choices.items()}, list(bounds.variants))
+
+
 def suggest_config(trial: optuna.Trial, bounds: SearchBounds, config: ExperimentConfig,
-                   target_range: Callable[[Variant], tuple[float, float]]
-                   ) -> tuple[ExperimentConfig, Variant]:
-    """The config this trial tries and its variant (encoding, network and source arguments) and
-    fine-tuning. The target is searched as a position between the ends of its variant's
+                   target_range: Callable[[Variant], tuple[float, float]],
+                   variant: Variant | None = None) -> tuple[ExperimentConfig, Variant]:
+    """The config this trial tries, its variant (`suggest_variant`, unless already suggested)
+    and its fine-tuning. The target is searched as a position between the ends of its variant's
     `target_range` (a fixed [0, 1] for the sampler, whatever the variant); the searched
     `penalty_strength` weighs the squared relative excess ((S - T) / T)^2 whichever the
     penalty's shape."""
-    choices = searched_parameters(list(bounds.variants))
-    variant = variant_of({name: trial.suggest_categorical(name, values)
-                          for name, values in choices.items()}, list(bounds.variants))
+    variant = variant or suggest_variant(trial, bounds)
     strength = trial.suggest_float("penalty_strength", *bounds.penalty_strength, log=True)
     position = trial.suggest_float("target_position", 0.0, 1.0)
     low, high = target_range(variant)

@@ -26,6 +26,7 @@ from pipeline.evaluate import Evaluation
 from pipeline.figures import pareto_png
 from pipeline.front import (
     ATTR_FAILURE,
+    ATTR_INFEASIBLE,
     ATTR_REFERENCE,
     ATTR_RUN_ID,
     ATTR_SECONDS,
@@ -49,6 +50,7 @@ from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signal
 from pipeline.memory import keep_freed_memory
 from pipeline.sweep.bases import BaseTraining
 from pipeline.sweep.confirm import confirm_front
+from pipeline.sweep.deployment import deploy_front
 from pipeline.sweep.lease import LeaseLostError, LeaseTimeoutError, lease, lease_name
 from pipeline.sweep.objective import BaseModelUnavailableError, TrialRunner, VariantBases
 from pipeline.sweep.space import make_sampler, plan_study, sampler_seed
@@ -90,6 +92,9 @@ def trial_line(trial: FrozenTrial) -> str:
     if trial.state != TrialState.COMPLETE:
         reason = trial.user_attrs.get(ATTR_FAILURE, "process died or was interrupted")
         return f"trial {trial.number:3d} {trial.state.name}: {params} | {reason}"
+    if ATTR_INFEASIBLE in trial.user_attrs:
+        why = trial.user_attrs[ATTR_INFEASIBLE]
+        return f"trial {trial.number:3d} infeasible, not trained: {params} | {why}"
     val = Evaluation.from_record(trial.user_attrs[ATTR_VAL])
     test = Evaluation.from_record(trial.user_attrs[ATTR_TEST])
     return (f"trial {trial.number:3d} | {params} | val {val.accuracy:.2%} {val.synops_mean:.3g} | "
@@ -294,6 +299,8 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
             _run_processes(config, storage_url, tracking_uri, workers, study, report)
         if config.study.confirm_seeds and study_counts(study).finished >= config.study.n_trials:
             confirm_front(config, prepared, bases(), progress, stop_requested, line)
+        if config.study.constraints.chip and study_counts(study).finished >= config.study.n_trials:
+            deploy_front(config, prepared, inputs, tracker, stop_requested, line)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
