@@ -1,4 +1,5 @@
-"""Benchmark: our training epoch vs a loop written like the SynOps tutorial's, and the counter's cost.
+"""Benchmark: our training epoch vs a loop written like the SynOps tutorial's, the counter's cost,
+the time a study takes to its first point, and what bfloat16 would change.
 
 (a) One epoch of `pipeline.train.train` (in-memory uint8 batches, channels-last layers, our
     counter) against the tutorial's own loop: a DataLoader over torchvision's MNIST with a
@@ -6,6 +7,11 @@
     Both train the same architecture with the same penalty; runs alternate; the median of
     the per-round ratios is reported.
 (b) Our training step with the SynOps counter and penalty vs the same step without either.
+(c) The first point: `synops sweep` of the default study (in temporary stores) from its start to
+    its first searched trial finished, which is on the front as the study's first point.
+(d) bfloat16: the training step under CPU autocast to bfloat16 against float32 (same weights,
+    alternating), and on a trained network the SynOps counted per test sample with the forward
+    pass in bfloat16 against float32, with the counts' arithmetic in float32 both times.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ExperimentConfig, TrainConfig
-from pipeline.data import Dataset, batches, load_dataset
+from pipeline.data import Dataset, Split, batches, load_dataset
 from pipeline.model import build_model
 from pipeline.synops import SynOpsCounter
 from pipeline.train import synops_penalty, train
@@ -41,6 +49,11 @@ class BenchResult:
     our_epoch_seconds: float
     step_ms_with_counter: float
     step_ms_without_counter: float
+    bfloat16_step_speedup: float  # float32 step time / bfloat16 step time
+    bfloat16_equal_synops: float  # share of test samples whose SynOps count bfloat16 leaves unchanged
+    bfloat16_synops_change: float  # relative change of the mean test SynOps under bfloat16
+    bfloat16_accuracy_change: float  # points
+    first_point_seconds: float | None  # `synops sweep` start to its first searched trial done
     rounds: int
     batch_size: int
     torch_threads: int
@@ -87,22 +100,57 @@ def tutorial_epoch_seconds(root: str, config: TrainConfig) -> tuple[float, int]:
     return time.perf_counter() - started, len(mnist)
 
 
-def our_epoch_seconds(config: ExperimentConfig, dataset: Dataset) -> tuple[float, int]:
-    """Wall time of one epoch of `pipeline.train.train` (its validation pass included), and the
-    number of training samples it saw."""
-    model = build_model(config.model)
+def our_epoch_seconds(config: ExperimentConfig, dataset: Dataset) -> tuple[float, int, nn.Module]:
+    """Wall time of one epoch of `pipeline.train.train` (its validation pass included), the
+    number of training samples it saw, and the network it trained."""
+    model = build_model(config.model, dataset.input_shape, dataset.num_classes)
     started = time.perf_counter()
     train(model, dataset, dataclasses.replace(config.train, epochs=1), progress=False)
-    return time.perf_counter() - started, len(dataset.train)
+    return time.perf_counter() - started, len(dataset.train), model
 
 
-def step_seconds(config: ExperimentConfig, dataset: Dataset, counted: bool, steps: int) -> float:
-    """Mean seconds per training step, with the counter and penalty or without either.
+@torch.inference_mode()
+def per_sample_synops(model: nn.Module, split: Split, bfloat16: bool) -> tuple[torch.Tensor, float]:
+    """Each sample's SynOps (counted in float32) and the accuracy, the forward pass in float32 or
+    under autocast to bfloat16."""
+    model.eval()
+    counts, correct = [], 0
+    with SynOpsCounter(model) as counter:
+        for images, labels in batches(split, 1000):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+                logits = model(images)
+            counts.append(counter.per_sample.double())
+            correct += int((logits.argmax(1) == labels).sum())
+    return torch.cat(counts), correct / len(split)
 
-    Every timed step starts from the same weights: otherwise the two variants train apart and
-    their step times differ for reasons that have nothing to do with the counter.
+
+def first_point_seconds(study_config: ExperimentConfig) -> float:
+    """Seconds from the start of `synops sweep` of `study_config` (fresh stores in a temporary
+    folder, one trial, no confirmation) to its first searched trial finished: what a user waits
+    for the study's first point."""
+    from pipeline.sweep.workers import run_sweep
+
+    quick = dataclasses.replace(study_config, study=dataclasses.replace(
+        study_config.study, n_trials=1, confirm_seeds=0,
+        constraints=dataclasses.replace(study_config.study.constraints, chip="")))
+    with tempfile.TemporaryDirectory() as tmp:
+        started = datetime.datetime.now()
+        study = run_sweep(quick, f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db",
+                          progress=False, echo=lambda line: None)
+        done = min(t.datetime_complete for t in study.trials if t.datetime_complete
+                   and not t.user_attrs.get("reference"))
+        return (done - started).total_seconds()
+
+
+def step_seconds(config: ExperimentConfig, dataset: Dataset, counted: bool, steps: int,
+                 bfloat16: bool = False) -> float:
+    """Mean seconds per training step, with the counter and penalty or without either, the
+    forward pass in float32 or under autocast to bfloat16.
+
+    Every timed step starts from the same weights: otherwise the variants train apart and their
+    step times differ for reasons that have nothing to do with what is compared.
     """
-    model = build_model(config.model)
+    model = build_model(config.model, dataset.input_shape, dataset.num_classes)
     start = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     data = list(batches(dataset.train, config.train.batch_size, torch.Generator().manual_seed(0)))
@@ -112,9 +160,11 @@ def step_seconds(config: ExperimentConfig, dataset: Dataset, counted: bool, step
             model.load_state_dict(start)
             images, labels = data[i % len(data)]
             started = time.perf_counter()
-            loss = F.cross_entropy(model(images), labels)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
             if counted:
-                loss = loss + synops_penalty(counter.total, config.train)
+                loss = loss + synops_penalty(counter.total.float(), config.train)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -123,19 +173,25 @@ def step_seconds(config: ExperimentConfig, dataset: Dataset, counted: bool, step
     return timed / steps
 
 
-def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40) -> BenchResult:
+def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40,
+              study_config: ExperimentConfig | None = None) -> BenchResult:
     """Alternate the loops `rounds` times and return the medians. The speedup compares time per
-    training sample, since our epoch holds the validation split out of the 60k images."""
+    training sample, since our epoch holds the validation split out of the 60k images. With
+    `study_config`, also the time to its study's first point."""
     dataset = load_dataset(config.data)
-    tutorial, ours, speedups, with_counter, without = [], [], [], [], []
+    tutorial, ours, speedups, with_counter, without, float32, bfloat16 = [], [], [], [], [], [], []
     for _ in range(rounds):
         tutorial_s, tutorial_n = tutorial_epoch_seconds(config.data.root, config.train)
-        our_s, our_n = our_epoch_seconds(config, dataset)
+        our_s, our_n, trained = our_epoch_seconds(config, dataset)
         tutorial.append(tutorial_s)
         ours.append(our_s)
         speedups.append((tutorial_s / tutorial_n) / (our_s / our_n))
         for counted in (True, False) if len(with_counter) % 2 else (False, True):  # alternate order
             (with_counter if counted else without).append(step_seconds(config, dataset, counted, steps))
+        for reduced in (True, False) if len(float32) % 2 else (False, True):
+            (bfloat16 if reduced else float32).append(step_seconds(config, dataset, True, steps, reduced))
+    exact, exact_accuracy = per_sample_synops(trained, dataset.test, bfloat16=False)
+    reduced, reduced_accuracy = per_sample_synops(trained, dataset.test, bfloat16=True)
     return BenchResult(
         speedup_vs_tutorial_loop=statistics.median(speedups),
         synops_overhead=statistics.median(w / n for w, n in zip(with_counter, without, strict=True)),
@@ -143,6 +199,11 @@ def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40) -> Ben
         our_epoch_seconds=statistics.median(ours),
         step_ms_with_counter=statistics.median(with_counter) * 1e3,
         step_ms_without_counter=statistics.median(without) * 1e3,
+        bfloat16_step_speedup=statistics.median(f / b for f, b in zip(float32, bfloat16, strict=True)),
+        bfloat16_equal_synops=float((exact == reduced).double().mean()),
+        bfloat16_synops_change=float(reduced.mean() / exact.mean() - 1),
+        bfloat16_accuracy_change=(reduced_accuracy - exact_accuracy) * 100,
+        first_point_seconds=first_point_seconds(study_config) if study_config is not None else None,
         rounds=rounds,
         batch_size=config.train.batch_size,
         torch_threads=torch.get_num_threads(),

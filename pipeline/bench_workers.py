@@ -16,6 +16,7 @@ trial a full epoch over the 55,000 training images instead.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,15 +38,16 @@ class BenchWorkersError(PipelineError, RuntimeError):
 
 
 def run_cell(storage: str, tracking: str, name: str, workers: int, trials: int,
-             overrides: list[str]) -> dict[str, float]:
-    """One fresh study of the smoke config run by `synops sweep --workers N`, timed."""
+             overrides: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    """One fresh study of the smoke config run by `synops sweep --workers N`, timed; `env` adds
+    to its environment (the password file of a server's database)."""
     command = [sys.executable, "-m", "pipeline", "sweep", "--config",
                str(ROOT / "experiments" / "smoke.toml"), "--storage", storage,
                "--tracking-uri", tracking, "--workers", str(workers), "--quiet",
                f"--set=name=\"{name}\"", f"--set=study.n_trials={trials}",
                "--set=study.confirm_seeds=0", *[f"--set={o}" for o in overrides]]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | (env or {}))
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise BenchWorkersError(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -67,12 +69,13 @@ def run_bench_workers(trials: int, workers: list[int], overrides: list[str], dat
         local = (f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}")
         services = start_services(folder / "services", echo=echo)
         try:
-            for label, (storage, tracking) in (("sqlite", local),
-                                               ("postgresql", (services.storage_url,
-                                                               services.tracking_uri))):
+            password = {"PGPASSFILE": str(services.pgpass_file)}
+            for label, (storage, tracking), env in (
+                    ("sqlite", local, {}),
+                    ("postgresql", (services.worker_storage_url, services.tracking_uri), password)):
                 for count in workers:
                     cell = run_cell(storage, tracking, f"bench-{label}-{count}", count, trials,
-                                    [f"data.root=\"{data_root.resolve()}\"", *overrides])
+                                    [f"data.root=\"{data_root.resolve()}\"", *overrides], env)
                     results.append({"stores": label, **cell})
                     echo(json.dumps(results[-1]))
         finally:

@@ -15,6 +15,7 @@ from pipeline.config import PENALTIES, ExperimentConfig, load_config, parse_over
 from pipeline.errors import EXIT_BAD_INPUT, ConfigError, PipelineError
 from pipeline.interrupt import stop_on_signals, stop_requested
 from pipeline.memory import keep_freed_memory
+from pipeline.secrets import redact_url
 
 # Named flags of `synops train` and the config keys they set.
 TRAIN_FLAGS = {
@@ -76,10 +77,25 @@ tracking_option = click.option(
     "--tracking-uri", default=None,
     help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db].",
 )
+
+
+def _warn_of_password(context: click.Context, parameter: click.Parameter, url: str | None) -> str | None:
+    """`--storage` as given; a password in it (visible in `ps` to every user) gets a warning that
+    does not repeat it."""
+    from pipeline.secrets import has_password
+
+    if url is not None and has_password(url):
+        click.secho("warning: the password in --storage is visible to every user of this machine "
+                    "(`ps`): leave it out of the URL and let PostgreSQL's client read it from "
+                    "PGPASSWORD or a password file (PGPASSFILE, else ~/.pgpass)", fg="yellow", err=True)
+    return url
+
+
 storage_option = click.option(
-    "--storage", default=None,
-    help="Optuna storage URL [default: sqlite:///mlruns/optuna.db]; use postgresql://... to "
-         "share one study between machines.")
+    "--storage", default=None, callback=_warn_of_password,
+    help="Optuna storage URL [default: sqlite:///mlruns/optuna.db]; use "
+         "postgresql+psycopg://user@host:port/db to share one study between machines, with the "
+         "password in PGPASSWORD or the file PGPASSFILE names (not in the URL: `ps` shows it).")
 quiet_option = click.option(
     "--quiet", is_flag=True,
     help="No progress bars, timestamped log lines instead (automatic when not on a terminal).")
@@ -163,7 +179,8 @@ def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
     click.echo(
         f"{config.name}: test accuracy {result.test.accuracy:.2%} at "
         f"{result.test.synops_mean:.3g} SynOps/sample (val {result.val.accuracy:.2%} at "
-        f"{result.val.synops_mean:.3g}); {result.seconds:.0f} s; MLflow run {result.run_id} in {uri}"
+        f"{result.val.synops_mean:.3g}); {result.seconds:.0f} s; MLflow run {result.run_id} in "
+        f"{redact_url(uri)}"
     )
 
 
@@ -173,14 +190,20 @@ def train(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
 @set_option
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
               help="Alternating rounds; medians are reported.")
+@click.option("--study", "study_path", default="experiments/mnist.toml", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="The study whose time to its first point is measured ('' to skip it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fail_cleanly
-def bench(config_path: str, assignments: tuple[str, ...], rounds: int, as_json: bool) -> None:
-    """Epoch time vs the tutorial's loop, and the SynOps counter's overhead."""
+def bench(config_path: str, assignments: tuple[str, ...], rounds: int, study_path: str,
+          as_json: bool) -> None:
+    """Epoch time vs the tutorial's loop, the SynOps counter's overhead, bfloat16 vs float32, and
+    the time from `synops sweep` to the study's first point."""
     from pipeline.bench import run_bench, to_json
 
     config = _resolve_config(config_path, assignments, {})
-    result = run_bench(config, rounds=rounds)
+    study = _resolve_config(study_path, assignments, {}) if study_path else None
+    result = run_bench(config, rounds=rounds, study_config=study)
     if as_json:
         click.echo(to_json(result))
         return
@@ -191,7 +214,12 @@ def bench(config_path: str, assignments: tuple[str, ...], rounds: int, as_json: 
         f"step (batch {result.batch_size}): {result.step_ms_with_counter:.1f} ms with the SynOps "
         f"counter, {result.step_ms_without_counter:.1f} ms without -> overhead "
         f"{result.synops_overhead:.3f}\n"
-        f"torch {result.torch_version}, {result.machine}"
+        f"bfloat16 autocast: step {result.bfloat16_step_speedup:.2f}x faster; on a trained network "
+        f"{result.bfloat16_equal_synops:.1%} of test samples keep their SynOps count, mean SynOps "
+        f"{result.bfloat16_synops_change:+.2%}, accuracy {result.bfloat16_accuracy_change:+.2f} points\n"
+        + (f"first point of {study_path}: {result.first_point_seconds:.0f} s after `synops sweep` "
+           "started\n" if result.first_point_seconds is not None else "")
+        + f"torch {result.torch_version}, {result.machine}"
     )
 
 
@@ -238,8 +266,8 @@ def sweep(config_path: str, assignments: tuple[str, ...], tracking_uri: str | No
         progress, echo = _output(quiet)
         study = run_sweep(config, storage_url, uri, workers=workers, progress=progress, echo=echo)
     front = len(study.best_trials)
-    click.echo(f"{config.name}: {front} trials on the front; study in {storage_url}, runs in {uri}. "
-               f"Next: synops report --config {config_path}")
+    click.echo(f"{config.name}: {front} trials on the front; study in {redact_url(storage_url)}, runs "
+               f"in {redact_url(uri)}. Next: synops report --config {config_path}")
 
 
 
@@ -263,15 +291,18 @@ services_dir_option = click.option(
               help="[default: a free port]")
 @_fail_cleanly
 def services_start(folder: str, host: str, postgres_port: int, mlflow_port: int) -> None:
-    """Start both servers (installing Debian's postgresql as root when missing); print the URLs."""
+    """Start both servers (installing Debian's postgresql as root when missing); print the URLs
+    (without the password: workers read it from the password file the `export` line names)."""
     from pathlib import Path
 
     from pipeline.services import start_services
 
     started = start_services(Path(folder), host, postgres_port, mlflow_port, echo=click.echo)
     click.echo(f"PostgreSQL and the MLflow server run (state in {folder}/services.json). On every "
-               "worker machine:\n"
-               f"  synops sweep --config <config> --storage '{started.storage_url}' "
+               f"worker machine, with a copy of the password file {started.pgpass_file} (mode 600, "
+               "the same path or another):\n"
+               f"  export PGPASSFILE={started.pgpass_file}\n"
+               f"  synops sweep --config <config> --storage '{started.worker_storage_url}' "
                f"--tracking-uri {started.tracking_uri}\n"
                f"MLflow UI: {started.tracking_uri}; stop with `synops services stop --dir {folder}`")
 
@@ -280,12 +311,13 @@ def services_start(folder: str, host: str, postgres_port: int, mlflow_port: int)
 @services_dir_option
 @_fail_cleanly
 def services_stop(folder: str) -> None:
-    """Stop both servers; their data stays in the folder."""
+    """Stop both servers; their data stays in the folder. A process named by a stale record is
+    left alone, with a line saying so."""
     from pathlib import Path
 
     from pipeline.services import stop_services
 
-    stopped = stop_services(Path(folder))
+    stopped = stop_services(Path(folder), echo=click.echo)
     click.echo("services stopped" if stopped else f"no services were running in {folder}")
 
 

@@ -233,13 +233,19 @@ class ConstraintsConfig:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The Optuna study that traces the accuracy-vs-SynOps front."""
+    """The Optuna study that traces the accuracy-vs-SynOps front. `starter_trial` queues a first
+    trial at the variant with the lowest input-layer floor, mid-range penalty and the fewest
+    epochs, so the first point of the front comes as early as it can; `prune_dominated` stops a
+    trial after an epoch when a finished trial beats it by far on both objectives
+    (`pipeline.sweep.objective.PRUNE_MARGINS`)."""
 
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
     n_trials: int = 24
     seed: int = 0
     grid_points: int = 4
     reference_trial: bool = True
+    starter_trial: bool = True
+    prune_dominated: bool = True
     confirm_seeds: int = 2
     max_consecutive_failures: int = 3
     heartbeat_interval: int = 10

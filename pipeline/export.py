@@ -1,4 +1,8 @@
-"""Export: take one trained network out of a study, for a converter or a chip toolchain."""
+"""Export: take one trained network out of a study, for a converter or a chip toolchain.
+
+The export folder follows `pipeline.owned`'s rule: created fresh, or replaced whole when an earlier
+export wrote it (it holds `MARKER`); any other non-empty folder is refused and left alone.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,11 @@ from pipeline.front import (
     choose,
     finished_trials,
 )
+from pipeline.owned import check_replaceable, replacing
 from pipeline.tracking import Tracker
+
+# Written into every export folder: only a folder holding it is ever replaced by a new export.
+MARKER = ".synops-export"
 
 
 class ExportError(PipelineError):
@@ -56,8 +64,12 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
                  nir_settings: SNNConfig | None = None) -> Path:
     """Write `model.pt` (a state dict), its `config.toml` and `card.json` for trial `trial_number`,
     or for the front's knee when it is None; with `nir_settings`, also `model.nir`, the spiking
-    network those settings describe. Returns the card's path. Raises `ExportError`, before
-    anything is written, when the network has no NIR equivalent (naming the layer)."""
+    network those settings describe. `out` is created, or replaced whole (nothing of an earlier
+    export stays). Returns the card's path. Raises, before anything is written, `ExportError` when
+    the network has no NIR equivalent (naming the layer) and `pipeline.owned.ForeignFolderError`
+    (exit 2) when `out` holds files no export wrote; `pipeline.owned.OutputWriteError` when the
+    files cannot be written (an earlier export there is kept)."""
+    check_replaceable(out, MARKER, "export")
     record, on_front, reason = _chosen(study, trial_number)
     study_record = StudyRecord.load(study)
     state = tracker.load_checkpoint(record.run_id)
@@ -71,9 +83,6 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
             nir_graph = nir_graph_of(model, nir_settings, record.input_shape)
         except SpikingConversionError as err:
             raise ExportError(f"trial {record.number} cannot be exported as NIR: {err}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out / "model.pt")
-    tracker.download(record.run_id, "config.toml", out)
     designed = record.variant.apply(study_record.config)
     input_shape = record.input_shape
     test = record.test
@@ -106,9 +115,6 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
                      "num_classes).load_state_dict(torch.load('model.pt', weights_only=True))",
     }
     if nir_graph is not None:
-        from pipeline.snn import save_nir
-
-        save_nir(nir_graph, out / "model.nir")
         card["nir"] = {
             "file": "model.nir",
             "spiking_settings": {k: getattr(nir_settings, k)
@@ -121,6 +127,13 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
             "read_with": "sinabs.nir.from_nir(nir.read('model.nir'), "
                          f"num_timesteps={nir_settings.steps})",
         }
-    path = out / "card.json"
-    path.write_text(json.dumps(card, indent=2) + "\n")
-    return path
+    note = "written by `synops export`; the folder is replaced whole by the next export to it\n"
+    with replacing(out, MARKER, "export", note) as staging:
+        torch.save(state, staging / "model.pt")
+        tracker.download(record.run_id, "config.toml", staging)
+        if nir_graph is not None:
+            from pipeline.snn import save_nir
+
+            save_nir(nir_graph, staging / "model.nir")
+        (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return out / "card.json"

@@ -13,7 +13,13 @@ import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 
 from pipeline.evaluate import SpikingEvaluation  # noqa: E402
-from pipeline.front import BaseRecord, layer_column, param_columns, variant_order  # noqa: E402
+from pipeline.front import (  # noqa: E402
+    REFERENCE_SYNOPS_FACTOR,
+    BaseRecord,
+    layer_column,
+    param_columns,
+    variant_order,
+)
 
 
 def _marker_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -157,12 +163,14 @@ def pareto_html(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, Ba
 
 
 def hypervolume_png(history: pd.Series, reference: tuple[float, float], path: Path) -> None:
-    """Hypervolume of the validation front after each finished trial, reference point stated."""
+    """Hypervolume of the validation front after each finished trial (`hypervolume_history`: in
+    error against log10 SynOps), its reference point (accuracy, SynOps) stated."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(history.index, history.to_numpy(), "o-", markersize=3)
-    ax.set(xlabel="trial number", ylabel="hypervolume (accuracy x SynOps)",
-           title=f"Hypervolume of the validation front; reference point: accuracy "
-                 f"{reference[0]:.0%} (chance), {reference[1]:.3g} SynOps (base model)")
+    ax.set(xlabel="trial number", ylabel="hypervolume (error x log10 SynOps)",
+           title=f"Hypervolume of the validation front in (error, log10 SynOps)\nreference point: "
+                 f"accuracy {reference[0]:.0%} (chance), {reference[1]:.3g} SynOps "
+                 f"({REFERENCE_SYNOPS_FACTOR:g} x the largest SynOps the study's config names)")
     ax.title.set_fontsize(9)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

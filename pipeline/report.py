@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import optuna
@@ -23,6 +21,8 @@ from pipeline.evaluate import ENERGY_PROFILES, SpikingEvaluation, energy_per_sam
 from pipeline.figures import hypervolume_png, layers_png, pareto_html, pareto_png, snn_layers_png
 from pipeline.front import (
     ATTR_SECONDS,
+    MEAN_OVER_CONFIRMATIONS,
+    REFERENCE_SYNOPS_FACTOR,
     SEED_COLUMNS,
     SNN_COLUMNS,
     BaseRecord,
@@ -46,6 +46,7 @@ from pipeline.front import (
     variant_order,
 )
 from pipeline.model import describe_model, parameter_count
+from pipeline.owned import check_replaceable, replacing
 from pipeline.tracking import Tracker
 
 # Written into every report folder: only a folder holding it is ever replaced by a new report.
@@ -81,8 +82,10 @@ def display_front(front: pd.DataFrame, chips: tuple[str, ...] = ("loihi", "senec
                 lambda v: "" if pd.isna(v) else (f"{v:.3g}" if isinstance(v, float) else str(v)))
     shown["val acc [95% CI]"] = [_with_interval(r, "val") for _, r in front.iterrows()]
     shown["test acc [95% CI]"] = [_with_interval(r, "test") for _, r in front.iterrows()]
-    if "seeds" in front and (front["seeds"] > 1).any():
-        shown["seeds"] = front["seeds"]
+    if "mean_over" in front and (front["mean_over"] == MEAN_OVER_CONFIRMATIONS).any():
+        shown["means over"] = [f"{int(r['seeds'])} confirmation{'s' if r['seeds'] > 1 else ''}"
+                               if r["mean_over"] == MEAN_OVER_CONFIRMATIONS else r["mean_over"]
+                               for _, r in front.iterrows()]
         shown["val acc mean ± sd"] = [_mean_sd(r["val_accuracy_mean"], r["val_accuracy_sd"])
                                       for _, r in front.iterrows()]
         shown["test acc mean ± sd"] = [_mean_sd(r["test_accuracy_mean"], r["test_accuracy_sd"])
@@ -214,23 +217,33 @@ def _chip_blocks(front: pd.DataFrame, knee: pd.Series, infeasible: dict) -> list
 
 
 def _noise_blocks(choice: Choice, detectable: float, val_size: int) -> list[tuple[str, object]]:
-    """How far the front can be trusted: the detectable difference, members that cannot be told
-    apart, and members that the seed means no longer put on the front."""
+    """How far the front can be trusted: one interval's half-width and the detectable difference
+    (`detectable_difference`, sqrt(2) times that half-width), members that cannot be told apart,
+    and members that the seed means no longer put on the front, with the runs the means are over."""
     members = choice.members
-    seeds = int(members["seeds"].max())
-    items = [f"one validation accuracy is measured on {val_size} images: two accuracies measured on "
-             f"different images must differ by at least **{detectable * 100:.2f} points** to be told "
-             "apart at 95%, and each member's 95% interval (table above) is that wide; members "
-             "compared on the same images differ by training noise instead, which the seed repeats "
-             "measure and the budget table uses"]
+    half = detectable / 2**0.5  # detectable_difference is sqrt(2) x one interval's half-width
+    items = [f"one validation accuracy is measured on {val_size} images: near the best accuracy, its "
+             f"95% interval reaches about ±{half * 100:.2f} points (normal approximation; the table's "
+             "Wilson intervals are close to it), and two accuracies measured on different images "
+             f"must differ by at least **{detectable * 100:.2f} points** (√2 × {half * 100:.2f}) to "
+             "be told apart at 95%; members compared on the same images differ by training noise "
+             "instead, which the seed repeats measure and the budget table uses"]
     pairs = indistinguishable_neighbours(members)
     items.append("neighbours on the front whose validation intervals overlap (cannot be told "
                  "apart): " + (", ".join(f"trials {a} and {b}" for a, b in pairs) or "none"))
-    if seeds > 1:
+    confirmed = members["mean_over"] == MEAN_OVER_CONFIRMATIONS
+    if confirmed.any():
+        low, high = int(members.loc[confirmed, "seeds"].min()), int(members.loc[confirmed, "seeds"].max())
         dominated = members[members["dominated_on_means"]]["trial"].astype(int).tolist()
-        items.append(f"on the means over {seeds} seeds, dominated by another member: "
+        unconfirmed = members.loc[~confirmed, "trial"].astype(int).tolist()
+        items.append(f"on the means of the confirmation runs ({low if low == high else f'{low}-{high}'} "
+                     "per member, other seeds; the run that put each member on the front is left out, "
+                     "since it was picked for scoring well), dominated by another member: "
                      + (", ".join(f"trial {n}" for n in dominated) or "none")
-                     + "; the knee and the budget table are chosen among the others")
+                     + "; the knee and the budget table are chosen among the others"
+                     + ("; without a finished confirmation (their numbers are the selection run's "
+                        "alone, biased up): " + ", ".join(f"trial {n}" for n in unconfirmed)
+                        if unconfirmed else ""))
     else:
         items.append("each member was trained once (the confirmation stage has not run): choices "
                      "are made on single runs")
@@ -248,20 +261,26 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
     chosen = next(r for r in finished_trials(study) if r.number == int(member["trial"]))
     designed = chosen.variant.apply(config)
     weights = parameter_count(chosen.network(config))
-    # Its variant's base model, and the first variant's; the tutorial's reference trial may use
-    # a variant the study does not search, which then has none.
-    bases = {b.variant.label: b for b in (record.bases.get(chosen.variant.key), record.base) if b}
+    # Its variant's base model, and the first variant's (the largest encoding: the tutorial's, in
+    # the default study), where trained; the reference trial's variant may have none.
+    first = record.bases.get(record.bounds.variants[0].key)
+    bases = {b.variant.label: b for b in (record.bases.get(chosen.variant.key), first) if b}
     run_id = member["mlflow_run_id"]
-    infeasible_note = (f" ({counts.infeasible} of them infeasible: their network does not fit the "
-                       "chip)" if counts.infeasible else "")
+    infeasible_note = "".join([
+        f"; {counts.infeasible} of them infeasible (their network does not fit the chip)"
+        if counts.infeasible else "",
+        f"; {counts.pruned} of them stopped after an epoch, dominated by far" if counts.pruned else ""])
     quantized = pd.notna(member.get("quantized_test_synops_mean"))
     synops = member["quantized_test_synops_mean"] if quantized else member["test_synops_mean"]
+    beyond = int((frame["val_synops_mean"] >= reference_point[1]).sum())
     best = choice.candidates["val_accuracy"].max()
     detectable = detectable_difference(best, int(member["val_samples"]))
-    seeds = int(member["seeds"])
-    on_seeds = (f" Over {seeds} seeds: validation {member['val_accuracy_mean']:.2%} ± "
-                f"{member['val_accuracy_sd'] * 100:.2f}, test {member['test_accuracy_mean']:.2%} ± "
-                f"{member['test_accuracy_sd'] * 100:.2f} (mean ± sd)." if seeds > 1 else "")
+    confirmed, runs = member["mean_over"] == MEAN_OVER_CONFIRMATIONS, int(member["seeds"])
+    on_seeds = (f" On its {runs} confirmation run{'s' if runs > 1 else ''} (other seeds; the run "
+                f"that put it on the front is left out): validation "
+                f"{_mean_sd(member['val_accuracy_mean'], member['val_accuracy_sd'])}, test "
+                f"{_mean_sd(member['test_accuracy_mean'], member['test_accuracy_sd'])}"
+                f"{' (mean ± sd)' if runs > 1 else ''}." if confirmed else "")
     return [
         ("h1", f"Accuracy vs SynOps: study `{study.study_name}`"),
         ("p", f"Data: source **{config.data.source}** ({record.kind}; validation: "
@@ -293,7 +312,7 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
               f"(95% interval) at **{member['test_synops_mean']:.3g}** SynOps per sample (p95 "
               f"{member['test_synops_p95']:.3g}), variant **{chosen.variant.label}**."
               f"{on_seeds} Rule"
-              f"{' (on the validation seed means)' if seeds > 1 else ''}: {knee.explanation()}."),
+              f"{' (on the validation seed means)' if confirmed else ''}: {knee.explanation()}."),
         ("list", [_comparison(member, f"unpenalised base model ({label})",
                               b.test.accuracy, b.test.synops_mean) for label, b in bases.items()]
          + [_comparison(member, f"tutorial recipe ({r['variant']})", r["test_accuracy"],
@@ -307,8 +326,10 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
         ("h2", "Best accuracy within a SynOps budget"),
         ("p", "Chosen on validation among the front members (on their seed means where "
               "confirmed): within each budget, the fewest SynOps among the members that the seeds "
-              "cannot tell apart from the most accurate one (gap within 1.96 x the standard error "
-              "of the difference of the two seed means), whatever its variant."),
+              "cannot tell apart from the most accurate one (gap within the standard error of the "
+              "difference of the two seed means times Student's t, 95% two-sided, with Welch's "
+              "degrees of freedom: from 2.78 for two means over 3 seeds to 12.71 for 2 seeds against "
+              "a single run, where the normal quantile said 1.96), whatever its variant."),
         ("table", budget_table(choice.candidates, budgets)),
         *_chip_blocks(front, member, infeasible_trials(study)),
         ("h2", "Energy per sample of the knee"),
@@ -320,10 +341,16 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
             for (chip, p), energy in zip(ENERGY_PROFILES.items(), energy_per_sample(synops).values(),
                                          strict=True)])),
         ("h2", "Progress of the search"),
-        ("p", f"Hypervolume of the validation front after each trial, measured from the reference "
-              f"point accuracy {reference_point[0]:.0%} (chance level for "
-              f"{record.num_classes} classes) and {reference_point[1]:.3g} SynOps (the base "
-              f"model's of the first variant, {record.base.variant.label}, validation)."),
+        ("p", "Hypervolume of the validation front after each trial: the area it dominates in error "
+              "(1 - accuracy) against log10 SynOps, where the front and its knee are read, so "
+              "halving a member's SynOps counts the same at any scale. Reference point: accuracy "
+              f"{reference_point[0]:.0%} (chance level for {record.num_classes} classes) and "
+              f"{reference_point[1]:.3g} SynOps ({REFERENCE_SYNOPS_FACTOR:g} x the largest SynOps "
+              "the study's config names: its fine-tuning target, the tutorial recipe's when that "
+              "trial runs, an explicit upper bound of the searched targets; fixed when the study "
+              "was created)."
+              + (f" {beyond} finished trial{'s lie' if beyond > 1 else ' lies'} beyond its SynOps "
+                 "and add nothing." if beyond else "")),
         ("img", "hypervolume.png"),
         ("img", "layers.png"),
         ("h2", "Open the chosen run"),
@@ -381,14 +408,9 @@ def render_html(blocks: list[tuple[str, object]], title: str) -> str:
 
 
 def _check_output(out: Path) -> None:
-    """Only an absent or empty folder, or one a report wrote (it holds `MARKER`), may be written."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UnsafeOutputError(f"{out} exists and is not a folder; choose another --out")
-    if any(out.iterdir()) and not (out / MARKER).is_file():
-        raise UnsafeOutputError(f"{out} holds files that no report wrote; it is left alone: "
-                                "choose an empty or new folder with --out")
+    """Only an absent or empty folder, or one a report wrote (it holds `MARKER`), may be written
+    (`pipeline.owned`); raises `UnsafeOutputError` otherwise, before anything is computed."""
+    check_replaceable(out, MARKER, "report", UnsafeOutputError)
 
 
 def write_report(study: optuna.Study, out: Path, tracker: Tracker,
@@ -396,7 +418,8 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
     """Write every report file into `out` (replacing a previous report whole, never half-written,
     and refusing any other non-empty folder) and log the folder to the study's parent MLflow run.
     `budgets` are the SynOps budgets to quote (default: the study's own `report.budgets`).
-    Raises `EmptyStudyError` if nothing finished, `UnsafeOutputError` for a foreign folder."""
+    Raises `EmptyStudyError` if nothing finished, `UnsafeOutputError` for a foreign folder,
+    `pipeline.owned.OutputWriteError` when the files cannot be written (the old report is kept)."""
     _check_output(out)
     frame = trials_frame(study)
     if frame.empty:
@@ -411,12 +434,8 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
     knee_modules = dict(records[int(member["trial"])].network(record.config).named_modules())
     layers = {name: f"{name}: {type(knee_modules[name]).__name__}" if name in knee_modules else name
               for name in dict.fromkeys(n for r in members for n in r.test.synops_per_layer)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the report from a web server or a colleague
-    try:
-        (staging / MARKER).write_text("written by `synops report`; the folder is replaced whole by "
-                                      "the next report\n")
+    note = "written by `synops report`; the folder is replaced whole by the next report\n"
+    with replacing(out, MARKER, "report", note, UnsafeOutputError) as staging:
         pareto_png(frame, study.study_name, staging / "pareto.png", record.bases, member, front)
         pareto_html(frame, study.study_name, staging / "pareto.html", record.bases, member, front)
         hypervolume_png(hypervolume_history(frame, reference_point), reference_point,
@@ -438,12 +457,6 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
                                 budgets or record.config.report.budgets, tracker)
         (staging / "report.md").write_text(render_markdown(blocks))
         (staging / "index.html").write_text(render_html(blocks, f"{study.study_name} report"))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)  # empty, or a report's own folder (checked above)
-    staging.rename(out)
     parent = tracker.run(record.parent_run_id)
     parent.log_folder(out, artifact_path="report")
     parent.set_tags(parent_run_tags(study, frame, with_report=True))

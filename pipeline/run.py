@@ -28,7 +28,7 @@ from pipeline.evaluate import Evaluation, energy_per_sample, evaluate  # noqa: E
 from pipeline.interrupt import shielded  # noqa: E402
 from pipeline.model import build_model, check_network, model_fingerprint  # noqa: E402
 from pipeline.tracking import TAG_BASE_KEY, TAG_ROLE, Tracker, TrackingError  # noqa: E402
-from pipeline.train import EpochStats, TrainHistory, train  # noqa: E402
+from pipeline.train import EpochStats, TrainHistory, TrainingCut, train  # noqa: E402
 
 EVALUATION_ARTIFACT = "evaluation.json"
 BASE_UNUSABLE_ROLE = "base-unusable"  # a cached base model whose artifacts cannot be read
@@ -95,8 +95,9 @@ def run_tracked(
     the run id as soon as the run exists (so a crash can be traced to it), `on_epoch` each
     epoch's numbers (for log lines where there are no progress bars).
 
-    A run that raises (a diverging loss included) ends FAILED, one interrupted ends KILLED, with the
-    reason in the tag `synops.failure_reason`; the exception is re-raised for the caller.
+    A run that raises (a diverging loss included) ends FAILED, one interrupted or cut short on
+    purpose (`TrainingCut`) ends KILLED, with the reason in the tag `synops.failure_reason`; the
+    exception is re-raised for the caller.
     """
     started = time.perf_counter()
     run = tracker.start_run(experiment_id, run_name or "run", tags, parent_run_id)
@@ -129,7 +130,7 @@ def run_tracked(
     except BaseException as err:
         with shielded():
             run.fail(f"{type(err).__name__}: {err}",
-                     "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                     "KILLED" if isinstance(err, KeyboardInterrupt | TrainingCut) else "FAILED")
         raise
     run.finish()
     return RunResult(run.run_id, val, test, history, state, time.perf_counter() - started)

@@ -3,14 +3,24 @@
 no shared disk, only two URLs.
 
 Everything lives in one folder (default `.services/`): the database cluster, the artifacts, the
-logs and `services.json` (ports, password, process ids). Both servers listen on 127.0.0.1 unless
-told otherwise. PostgreSQL refuses to run as root, so as root the cluster runs as Debian's
-`postgres` user. Hand-written: neither Optuna nor MLflow starts the servers they use.
+logs, `services.json` (ports, password, the MLflow server's process id and start) and
+`services.pgpass`, the password in libpq's password-file format (mode 600). The password is on no
+command line: workers are given a URL without it and `PGPASSFILE` (psycopg, through libpq, reads
+the file itself), and `mlflow server` gets its backend store (also without the password) and
+`PGPASSFILE` through its environment. Both servers listen on 127.0.0.1 unless told otherwise.
+PostgreSQL refuses to run as root, so as root the cluster runs as Debian's `postgres` user.
+`stop` signals only processes it can tell are the services' own (the MLflow server by the boot and
+start time recorded when it started, PostgreSQL by its process name and working folder), never a
+process whose id merely appears in a stale file.
+
+Hand-written: neither Optuna nor MLflow starts the servers they use, and the standard library has
+no way to tell whether a process id still names the process it named (Linux's /proc is read).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -30,6 +40,7 @@ from pipeline.errors import PipelineError
 
 DEFAULT_FOLDER = Path(".services")
 STATE_FILE = "services.json"
+PGPASS_FILE = "services.pgpass"  # not `.pgpass`: a --dir of ~ must not overwrite the user's own
 DB_USER = "synops"
 DATABASES = ("optuna", "mlflow")
 POSTGRES_PACKAGE = "postgresql"
@@ -51,12 +62,26 @@ class Services:
     mlflow_port: int
     password: str
     mlflow_pid: int
+    mlflow_started: str = ""  # the MLflow server's boot id and start time (`_process_start`)
 
     @property
     def storage_url(self) -> str:
-        """`--storage` for every worker: Optuna's database, through the psycopg (v3) driver."""
+        """Optuna's database through the psycopg (v3) driver, password included, for use inside
+        this process only (e.g. `optuna.load_study`): never print, log or pass it on a command line,
+        which every user sees in `ps`; workers get `worker_storage_url`."""
         return (f"postgresql+psycopg://{DB_USER}:{self.password}@{self.host}:"
                 f"{self.postgres_port}/optuna")
+
+    @property
+    def worker_storage_url(self) -> str:
+        """`--storage` for every worker: Optuna's database without the password, which psycopg
+        (libpq) reads from the file `PGPASSFILE` names (`pgpass_file`) or from `PGPASSWORD`."""
+        return f"postgresql+psycopg://{DB_USER}@{self.host}:{self.postgres_port}/optuna"
+
+    @property
+    def pgpass_file(self) -> Path:
+        """The password file for `PGPASSFILE` (libpq's format, mode 600), in the services' folder."""
+        return Path(self.folder) / PGPASS_FILE
 
     @property
     def tracking_uri(self) -> str:
@@ -64,8 +89,8 @@ class Services:
         return f"http://{self.host}:{self.mlflow_port}"
 
     def backend_store_uri(self) -> str:
-        return (f"postgresql+psycopg://{DB_USER}:{self.password}@{self.host}:"
-                f"{self.postgres_port}/mlflow")
+        """The MLflow server's backend store, without the password (it reads `pgpass_file`)."""
+        return f"postgresql+psycopg://{DB_USER}@{self.host}:{self.postgres_port}/mlflow"
 
 
 def free_port(host: str, preferred: int = 0) -> int:
@@ -177,13 +202,16 @@ def _wait_for_mlflow(process: subprocess.Popen, url: str, log: Path) -> None:
 def _start_mlflow(services: Services, folder: Path, workers: int) -> subprocess.Popen:
     log = folder / "mlflow.log"
     command = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", services.backend_store_uri(),
                "--serve-artifacts", "--artifacts-destination", str((folder / "artifacts").resolve()),
                "--host", services.host, "--port", str(services.mlflow_port),
                "--workers", str(workers)]
     if services.host not in ("127.0.0.1", "localhost"):  # its security middleware checks Host
         command += ["--allowed-hosts", f"{services.host},{services.host}:{services.mlflow_port}"]
-    env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    # The backend store through the environment (MLflow reads MLFLOW_BACKEND_STORE_URI), not the
+    # arguments, and its password from the file: PGPASSWORD, which libpq would prefer, is dropped.
+    env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"} | {
+        "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_BACKEND_STORE_URI": services.backend_store_uri(),
+        "PGPASSFILE": str(services.pgpass_file)}
     with open(log, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)  # not stopped by the terminal's Ctrl-C
@@ -198,13 +226,50 @@ def load_services(folder: Path = DEFAULT_FOLDER) -> Services | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether some process has id `pid`, whoever it is."""
     if pid <= 0:  # none recorded (0 would mean this process group)
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # another user's
+        return True
     return True
+
+
+def _process_start(pid: int) -> str | None:
+    """`<boot id>:<start time in clock ticks since boot>` of process `pid`, which no other process
+    shares (a reboot changes the boot id; a reused id starts later); None if there is no such
+    process, or no /proc to read it from."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 of /proc/<pid>/stat is the start time; the name (field 2) may hold spaces and ")".
+    return f"{boot}:{stat[stat.rindex(')') + 2:].split()[19]}"
+
+
+def _is_ours(pid: int, started: str) -> bool:
+    """Whether `pid` is still the process whose `_process_start` was recorded as `started`."""
+    return pid > 0 and bool(started) and _process_start(pid) == started
+
+
+def _postmaster_of(data: Path) -> tuple[int, bool] | None:
+    """The process id in `data`'s postmaster.pid (None without one), and whether that process is
+    this cluster's server: named postgres and working in `data` (a server chdirs to its data
+    folder), not whatever took the id after a crash or reboot."""
+    try:
+        pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:  # gone, or not ours to inspect
+        return pid, False
+    return pid, name in ("postgres", "postmaster") and Path(cwd) == data.resolve()
 
 
 def start_services(folder: Path = DEFAULT_FOLDER, host: str = "127.0.0.1", postgres_port: int = 0,
@@ -212,12 +277,16 @@ def start_services(folder: Path = DEFAULT_FOLDER, host: str = "127.0.0.1", postg
                    echo: Callable[[str], None] = print) -> Services:
     """Start PostgreSQL and the MLflow server in `folder` (created; ports 0 = the previous start's
     if free, else free ones), or return them if they already run. A cluster made by an earlier
-    start is reused, data and password kept."""
+    start is reused, data and password kept. Writes `services.json` and the password file
+    `services.pgpass` (mode 600). A folder it creates gets mode 755 (PostgreSQL, run as `postgres`
+    under root, must enter it); an existing folder's mode is never changed. Raises
+    `ServicesError` when a server cannot be installed, started or reached."""
     folder = folder.resolve()  # PostgreSQL reads relative paths from its data folder
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o755)
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        folder.chmod(0o755)  # ours: the user's umask may be 077
     known = load_services(folder)
-    if known is not None and _alive(known.mlflow_pid):
+    if known is not None and _is_ours(known.mlflow_pid, known.mlflow_started):
         return known
     bindir = postgres_bin(install, echo)
     password = known.password if known else secrets.token_urlsafe(18)  # the cluster's, once made
@@ -227,46 +296,80 @@ def start_services(folder: Path = DEFAULT_FOLDER, host: str = "127.0.0.1", postg
                         mlflow_port or free_port(host, known.mlflow_port if known else 0),
                         password, mlflow_pid=0)
     _save(services)
+    _write_private(services.pgpass_file, f"*:{services.postgres_port}:*:{DB_USER}:"
+                   f"{_pgpass_escape(password)}\n")
     _start_postgres(bindir, folder, host, services.postgres_port, password)
     try:
         process = _start_mlflow(services, folder, mlflow_workers)
     except BaseException:
         _stop_postgres(folder)
         raise
-    services = Services(**(asdict(services) | {"mlflow_pid": process.pid}))
+    services = dataclasses.replace(services, mlflow_pid=process.pid,
+                                   mlflow_started=_process_start(process.pid) or "")
     _save(services)
     return services
 
 
+def _pgpass_escape(field: str) -> str:
+    """A field of a libpq password file: `:` and `\\` escaped with a backslash."""
+    return field.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `path` readable by its owner only (mode 600, as libpq demands of a password file),
+    whatever mode an older file had: a new file is written and renamed over it."""
+    fresh = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text)
+    os.replace(fresh, path)
+
+
 def _save(services: Services) -> None:
-    state = Path(services.folder) / STATE_FILE
-    state.touch(mode=0o600)  # it holds the database password
-    state.write_text(json.dumps(asdict(services), indent=2) + "\n")
+    _write_private(Path(services.folder) / STATE_FILE,  # it holds the database password
+                   json.dumps(asdict(services), indent=2) + "\n")
 
 
-def _stop_postgres(folder: Path) -> None:
+def _stop_postgres(folder: Path, echo: Callable[[str], None] = print) -> bool:
+    """Stop the cluster in `folder` with `pg_ctl stop` if its postmaster.pid names its own server;
+    True if it was running."""
     data = folder / "postgres"
-    if (data / "postmaster.pid").is_file():
-        bindir = postgres_bin(install=False, echo=print)
-        _run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-             "stopping PostgreSQL")
+    postmaster = _postmaster_of(data)
+    if postmaster is None:
+        return False
+    pid, ours = postmaster
+    if not ours:
+        echo(f"PostgreSQL is not running: {data / 'postmaster.pid'} names process {pid}, which is "
+             "not this cluster's server (the file outlived a crash or reboot): left alone")
+        return False
+    bindir = postgres_bin(install=False, echo=echo)
+    _run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+         "stopping PostgreSQL")
+    return True
 
 
-def stop_services(folder: Path = DEFAULT_FOLDER) -> bool:
-    """Stop both servers of `folder` (their data stays); False if none was running."""
+def stop_services(folder: Path = DEFAULT_FOLDER, echo: Callable[[str], None] = print) -> bool:
+    """Stop both servers of `folder` (their data stays); False if none was running. A process
+    named by a stale record (after a reboot its id may belong to anything) is never signalled:
+    `echo` gets a line saying so. Raises `ServicesError` if `pg_ctl stop` fails."""
     folder = folder.resolve()
     known = load_services(folder)
-    running = known is not None and _alive(known.mlflow_pid)
+    running = known is not None and _is_ours(known.mlflow_pid, known.mlflow_started)
+    if known is not None and not running and _alive(known.mlflow_pid):
+        echo(f"process {known.mlflow_pid} is not the MLflow server these services started (the "
+             f"record in {folder / STATE_FILE} is stale, e.g. after a reboot, or lacks its start "
+             "time): left alone")
     if running:
+        # It leads a session of its own (started so), so its group is its workers and nothing else.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(known.mlflow_pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while _alive(known.mlflow_pid) and time.monotonic() < deadline:
+        while _is_ours(known.mlflow_pid, known.mlflow_started) and time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(known.mlflow_pid, os.WNOHANG)
             time.sleep(0.2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(known.mlflow_pid, signal.SIGKILL)
-    stopped_postgres = (folder / "postgres" / "postmaster.pid").is_file()
-    _stop_postgres(folder)
+        if _is_ours(known.mlflow_pid, known.mlflow_started):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(known.mlflow_pid, signal.SIGKILL)
+    stopped_postgres = _stop_postgres(folder, echo)
     return running or stopped_postgres

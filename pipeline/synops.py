@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 COUNTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+REDUCED_PRECISION = (torch.bfloat16, torch.float16)  # spike counts in these are counted in float32
 
 
 def counted_layer_names(model: nn.Module) -> list[str]:
@@ -32,7 +33,7 @@ def fan_out_map(layer: nn.Module, input_shape: torch.Size | tuple[int, ...]) -> 
     params = {"weight": torch.ones_like(weight, dtype=probe.dtype)}
     if getattr(layer, "bias", None) is not None:
         params["bias"] = torch.zeros_like(layer.bias, dtype=probe.dtype)
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(probe.device.type, enabled=False):  # counts are exact
         functional_call(layer, params, (probe,)).sum().backward()
     return probe.grad[0].detach()
 
@@ -97,14 +98,16 @@ class SynOpsCounter:
         self._per_sample_by_layer = {}
         self._mean_by_layer = {}
 
-    def _fan_out(self, name: str, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-        """The layer's fan-out map for inputs shaped like `x`, flattened in `x`'s memory order."""
+    def _fan_out(self, name: str, flat: torch.Tensor, sample_shape: torch.Size,
+                 channels_last: bool) -> torch.Tensor:
+        """The layer's fan-out map for one sample of `sample_shape`, flattened in the memory order
+        of `flat` (the batch's inputs, flattened) and in its dtype."""
         layer = self._layers[name]
-        key = (name, tuple(x.shape[1:]), x.device, x.dtype, layer.weight.shape, channels_last)
+        key = (name, tuple(sample_shape), flat.device, flat.dtype, layer.weight.shape, channels_last)
         if key not in self._fan_out_cache:
             self._probing = True
             try:
-                fan_out = fan_out_map(layer, x.shape[1:]).to(x.dtype)
+                fan_out = fan_out_map(layer, sample_shape).to(flat.dtype)
             finally:
                 self._probing = False
             if channels_last:
@@ -124,8 +127,10 @@ class SynOpsCounter:
                 and x.is_contiguous(memory_format=torch.channels_last)
             )
             flat = (x.permute(0, 2, 3, 1) if channels_last else x).reshape(x.shape[0], -1)
-            fan_out = self._fan_out(name, x, channels_last)
-            with torch.no_grad():
+            if flat.dtype in REDUCED_PRECISION:  # under autocast: count in float32 all the same
+                flat = flat.float()
+            fan_out = self._fan_out(name, flat, x.shape[1:], channels_last)
+            with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
                 per_sample = flat @ fan_out
             mean = _MeanFanOutDot.apply(flat, fan_out, per_sample) if x.requires_grad else per_sample.mean()
             if name in self._mean_by_layer:  # a layer called twice in one forward pass

@@ -47,6 +47,11 @@ class TrackingError(PipelineError, RuntimeError):
     """A run or artifact the pipeline needs cannot be read from the tracking store."""
 
 
+class PublishError(PipelineError, RuntimeError):
+    """What the pipeline finished could not be written to the tracking store (the study's front
+    to its parent run); the finished work itself is kept."""
+
+
 def resolve_tracking_uri(explicit: str | None = None) -> str:
     """`--tracking-uri`, else `MLFLOW_TRACKING_URI`, else the project's SQLite store."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI

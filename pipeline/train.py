@@ -31,9 +31,14 @@ class TrainingStopped(KeyboardInterrupt):
     """`should_stop` asked training to stop (Ctrl-C or SIGTERM, through the caller)."""
 
 
+class TrainingCut(PipelineError):
+    """An `on_epoch` callback ended training early on purpose (a trial pruned as clearly
+    dominated); the message says why. Not a failure: the run is closed KILLED with the reason."""
+
+
 @dataclass(frozen=True)
 class EpochStats:
-    """Means over one epoch's training steps, and the validation accuracy after it."""
+    """Means over one epoch's training steps, and the validation accuracy and mean SynOps after it."""
 
     epoch: int
     loss: float
@@ -42,6 +47,7 @@ class EpochStats:
     train_accuracy: float
     train_synops: float
     val_accuracy: float
+    val_synops: float
     seconds: float
 
 
@@ -49,7 +55,8 @@ def epoch_line(stats: EpochStats, epochs: int) -> str:
     """One line for people (and log files) per finished epoch."""
     return (f"epoch {stats.epoch}/{epochs}: loss {stats.loss:.4g} (task {stats.task_loss:.4g}, "
             f"penalty {stats.penalty_loss:.3g}), train accuracy {stats.train_accuracy:.2%}, "
-            f"val accuracy {stats.val_accuracy:.2%}, train SynOps {stats.train_synops:.3g}, "
+            f"val accuracy {stats.val_accuracy:.2%} at {stats.val_synops:.3g} SynOps, "
+            f"train SynOps {stats.train_synops:.3g}, "
             f"{stats.seconds:.0f} s")
 
 
@@ -167,6 +174,7 @@ def train(
                                 acc=f"{correct / samples:.3f}", synops=f"{synops_value:.3g}")
             bar.close()
             samples = max(samples, 1.0)
+            val = evaluate(model, dataset.val)
             stats = EpochStats(
                 epoch=epoch,
                 loss=(task_sum + penalty_sum) / samples,
@@ -174,7 +182,8 @@ def train(
                 penalty_loss=penalty_sum / samples,
                 train_accuracy=correct / samples,
                 train_synops=synops_sum / samples,
-                val_accuracy=evaluate(model, dataset.val, with_synops=False).accuracy,
+                val_accuracy=val.accuracy,
+                val_synops=val.synops_mean,
                 seconds=time.perf_counter() - started,
             )
             history.epochs.append(stats)

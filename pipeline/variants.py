@@ -126,6 +126,13 @@ def searched_parameters(variants: list[Variant]) -> dict[str, list[str]]:
     return {name: values for name, values in choices.items() if len(values) > 1}
 
 
+def parameters_of(variant: Variant, variants: list[Variant]) -> dict[str, Any]:
+    """The trial parameters that name `variant` among the study's `variants` (the searched ones
+    only), as Optuna stores them: what a queued trial of that variant carries."""
+    searched = searched_parameters(variants)
+    return {name: _as_param(value) for name, value in variant.parameters().items() if name in searched}
+
+
 def _as_param(value: Any) -> Any:
     return value if value is None or isinstance(value, bool | int | float | str) else _text(value)
 

@@ -60,7 +60,7 @@ def machine_command(services: Services, *command: str) -> list[str]:
             "data.val_size": "100", "train.max_batches": "0", "study.n_trials": str(N_TRIALS),
             "study.heartbeat_interval": "1", "study.grace_period": "4"}
     return [sys.executable, "-m", "pipeline", *command, "--config", str(EXPERIMENTS / "smoke.toml"),
-            "--storage", services.storage_url, "--tracking-uri", services.tracking_uri,
+            "--storage", services.worker_storage_url, "--tracking-uri", services.tracking_uri,
             *[f"--set={k}={v}" for k, v in sets.items()]]
 
 
@@ -87,7 +87,7 @@ def test_three_machines_started_together_share_one_study_one_base_and_one_parent
     servers: Services, tmp_path: Path
 ) -> None:
     folders = [machine(tmp_path / f"machine-{i}") for i in range(3)]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PGPASSFILE": str(servers.pgpass_file)}
 
     def study() -> optuna.Study:
         return optuna.load_study(study_name="smoke", storage=servers.storage_url)
@@ -143,7 +143,7 @@ def test_three_machines_started_together_share_one_study_one_base_and_one_parent
 
     reader = machine(tmp_path / "reader")  # a fourth machine: only the two URLs, no shared files
     done = subprocess.run(machine_command(servers, "report") + ["--out", "report"], cwd=reader,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in ("index.html", "pareto.png", "front.csv", "layers.png"):
         assert (reader / "report" / name).is_file()

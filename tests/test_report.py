@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -15,8 +16,10 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.front import choose
+from pipeline.front import KNEE_SINGLE, Choice, Knee, choose, detectable_difference
 from pipeline.model import build_model
+from pipeline.owned import previous_folder
+from pipeline.report import _noise_blocks
 from pipeline.sweep.workers import run_sweep
 from tests.conftest import EXPERIMENTS, smoke_overrides
 
@@ -148,3 +151,82 @@ def test_a_knee_at_an_encoding_the_study_does_not_search_is_reported(
     assert "variant **255 spikes/pixel**" in summary  # the reference trial is the knee
     assert "unpenalised base model (15 spikes/pixel)" in summary
     assert "input-layer floor of its variant: " in summary
+
+
+def noise_items(members: pd.DataFrame) -> list[str]:
+    choice = Choice(members, members, Knee(0, KNEE_SINGLE))
+    ((_, title), (kind, items)) = _noise_blocks(choice, detectable_difference(0.987, 5000), 5000)
+    assert title == "How far the front can be trusted" and kind == "list"
+    return items
+
+
+def test_the_noise_paragraph_states_one_intervals_half_width_and_the_detectable_difference() -> None:
+    # 98.7% on 5,000 images: one 95% interval reaches 1.96 sqrt(0.987 * 0.013 / 5000) = 0.314
+    # points either side; two accuracies measured on different images must differ by sqrt(2)
+    # times that, 0.444 points (the report said each interval was that wide).
+    members = pd.DataFrame([{"trial": 1, "seeds": 1, "mean_over": "selection run", "val_accuracy": 0.987,
+                             "val_mean_low": 0.98, "val_mean_high": 0.99, "val_synops_mean_mean": 1e6,
+                             "dominated_on_means": False}])
+    items = noise_items(members)
+    assert "on 5000 images" in items[0] and "about ±0.31 points" in items[0]
+    assert "**0.44 points** (√2 × 0.31)" in items[0] and "that wide" not in items[0]
+    assert "trained once" in items[2]
+    confirmed = pd.concat([members, members.assign(trial=2, val_synops_mean_mean=2e6)])
+    confirmed = confirmed.assign(seeds=2, mean_over="confirmations").reset_index(drop=True)
+    items = noise_items(confirmed)
+    assert "means of the confirmation runs (2 per member" in items[2] and "left out" in items[2]
+
+
+_watchers: list = []  # an audit hook cannot be removed: this one acts only while a test lists a watcher
+
+
+def _on_audit(event: str, args: tuple) -> None:
+    if _watchers and event in ("os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree"):
+        _watchers[-1](event, args)
+
+
+sys.addaudithook(_on_audit)
+
+
+def test_a_report_replaced_is_never_missing_at_any_step(
+    study_stores: tuple[str, str, list[str]], tmp_path: Path
+) -> None:
+    """Before every rename and removal the replacement makes (watched through Python's audit
+    hooks, nothing patched), a complete report exists: the old one at `--out` or at the known name
+    it waits under, or the new one at `--out`. Before, the old one was removed before the new one
+    was moved in."""
+    _, _, args = study_stores
+    out = tmp_path / "reports" / "smoke"
+    assert CliRunner().invoke(main, ["report", *args, "--out", str(out)]).exit_code == 0
+    waiting = previous_folder(out)
+
+    def complete(folder: Path) -> bool:
+        return (folder / ".synops-report").is_file() and (folder / "index.html").is_file()
+
+    steps: list[tuple[str, bool]] = []
+    _watchers.append(lambda event, _: steps.append((event, complete(out) or complete(waiting))))
+    try:
+        result = CliRunner().invoke(main, ["report", *args, "--out", str(out)])
+    finally:
+        _watchers.clear()
+    assert result.exit_code == 0, result.output
+    assert steps and all(ok for _, ok in steps), steps
+    assert complete(out) and sorted(p.name for p in out.parent.iterdir()) == ["smoke"]
+
+
+def test_a_replacement_a_crash_interrupted_is_finished_by_the_next_report(
+    study_stores: tuple[str, str, list[str]], tmp_path: Path
+) -> None:
+    _, _, args = study_stores
+    out = tmp_path / "reports" / "smoke"
+    assert CliRunner().invoke(main, ["report", *args, "--out", str(out)]).exit_code == 0
+    out.rename(previous_folder(out))  # what a crash between the two renames leaves
+    result = CliRunner().invoke(main, ["report", *args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "index.html").is_file() and sorted(p.name for p in out.parent.iterdir()) == ["smoke"]
+
+    previous_folder(out).mkdir()  # a folder of the user's under that name is not ours to remove
+    (previous_folder(out) / "notes.txt").write_text("keep me")
+    refused = CliRunner().invoke(main, ["report", *args, "--out", str(out)])
+    assert refused.exit_code == 2 and "left alone" in refused.output
+    assert (previous_folder(out) / "notes.txt").read_text() == "keep me"

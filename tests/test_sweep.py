@@ -19,11 +19,11 @@ from optuna.trial import TrialState
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.front import base_attr, study_bases
+from pipeline.front import study_bases
 from pipeline.inputs import load_inputs
-from pipeline.sweep import workers
+from pipeline.sweep import objective, workers
 from pipeline.sweep.workers import run_sweep
-from pipeline.variants import Variant
+from pipeline.tracking import PublishError
 from tests.conftest import EXPERIMENTS, smoke_overrides
 from tests.conftest import prepare as prepare_in
 
@@ -321,8 +321,10 @@ def test_the_parent_run_is_closed_even_when_publishing_the_front_fails(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(workers, "publish_front", full_disk)
-    study = sweep(smoke(idx_root, **{"study.n_trials": 2}), stores)
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    with pytest.raises(PublishError, match="could not be published.*No space left"):
+        sweep(smoke(idx_root, **{"study.n_trials": 2}), stores)
+    study = stores.study()
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2  # the trials are kept
     parent = MlflowClient(stores.tracking).get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"
 
@@ -335,12 +337,13 @@ def test_a_sweep_refuses_a_checkpoint_it_would_ignore(idx_root: Path, stores: St
 def test_a_study_whose_base_checkpoint_is_lost_stops_with_the_run_to_restore(
     idx_root: Path, stores: Stores, tmp_path: Path
 ) -> None:
-    config = smoke(idx_root, **{"study.n_trials": 1})
+    config = smoke(idx_root, **{"study.n_trials": 2, "study.confirm_seeds": 0})
     sweep(config, stores)
-    base_run = stores.study().user_attrs[base_attr(Variant(255))]["run_id"]
+    (base,) = study_bases(stores.study()).values()  # the searched trial's (the reference has none)
+    base_run = base.run_id
     (checkpoint,) = (tmp_path / "artifacts").rglob(f"{base_run}/artifacts/model/state_dict.pt")
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # truncated
-    result = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=2"))
+    result = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=3"))
     assert result.exit_code == 1, result.output
     assert base_run in result.output and "cannot be read" in result.output
 
@@ -441,3 +444,48 @@ def test_a_trial_failed_by_another_worker_meanwhile_does_not_stop_this_worker(
     assert any(f"trial {number}: another worker took this trial for dead" in line for line in lines)
     run = MlflowClient(stores.tracking).get_run(study.trials[number].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and "another worker" in run.data.tags["synops.failure_reason"]
+
+
+def test_the_first_trial_starts_at_the_cheapest_variant_and_no_model_is_trained_to_prepare(
+    idx_root: Path, stores: Stores
+) -> None:
+    config = smoke(idx_root, **{"study.starter_trial": True, "study.n_trials": 2,
+                                "study.confirm_seeds": 0})
+    study = sweep(config, stores)
+    first, second = study.trials[:2]
+    # the lowest input-layer floor of the space (15 spikes per pixel, not 255), mid-range penalty
+    assert first.params["spikes_per_pixel"] == 15 and not first.user_attrs.get("reference")
+    low, high = config.study.space.penalty_strength
+    assert first.params["penalty_strength"] == pytest.approx((low * high) ** 0.5)
+    assert first.params["target_position"] == 0.5
+    assert second.user_attrs.get("reference") == "tutorial"  # the tutorial's recipe comes after it
+    runs = sorted(stores.runs(), key=lambda r: r.info.start_time)
+    roles = [r.data.tags["synops.role"] for r in runs]
+    assert roles[0] == "study"  # preparing the study trains nothing
+    bases = [r for r in runs if r.data.tags["synops.role"] == "base"]
+    assert [r.data.params["data.spikes_per_pixel"] for r in bases] == ["15"]  # the one its trials need
+
+
+def test_a_trial_dominated_by_far_after_an_epoch_is_pruned_and_counts_towards_the_study(
+    idx_root: Path, stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Any accuracy, at twice the SynOps of a finished trial or more: the 255-spike trial after the
+    # 15-spike one (its input layer alone needs ~17x the SynOps) is dominated by far.
+    monkeypatch.setattr(objective, "PRUNE_MARGINS", (-1.0, 2.0))
+    config = smoke(idx_root, **{"study.prune_dominated": True, "study.n_trials": 2,
+                                "study.confirm_seeds": 0, "study.reference_trial": False,
+                                "train.epochs": 3})
+    prepared = prepare(config, stores)
+    for encoding in (15, 255):
+        prepared.study.enqueue_trial({"spikes_per_pixel": encoding})
+    study = sweep(config, stores)
+    first, second = study.trials
+    assert first.state == TrialState.COMPLETE and second.state == TrialState.PRUNED
+    reason = second.user_attrs["pruned"]
+    assert reason.startswith("after epoch 1 of 3") and "dominated by far by trial 0" in reason
+    assert len(study.trials) == 2  # the pruned trial counts towards study.n_trials
+    run = MlflowClient(stores.tracking).get_run(second.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and reason in run.data.tags["synops.failure_reason"]
+    assert len(run.data.metrics.get("epoch_val_accuracy") and
+               MlflowClient(stores.tracking).get_metric_history(run.info.run_id, "epoch_val_accuracy")) == 1
+    assert "trial   1 pruned: spikes_per_pixel=255" in workers.trial_line(second)

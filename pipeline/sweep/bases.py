@@ -59,9 +59,7 @@ def ensure_variant_base(study: optuna.Study, storage: optuna.storages.BaseStorag
                                                   base.val.synops_mean))
         held.verify()  # a holder that lost its lease meanwhile must not record its base model
         study.set_user_attr(attr, record.to_record())
-        parent = study.user_attrs.get(ATTR_PARENT_RUN)
-        if parent is not None:  # the first base model is trained before the parent run exists
-            log_base_to_parent(training.tracker, parent, record)
+        log_base_to_parent(training.tracker, study.user_attrs[ATTR_PARENT_RUN], record)
         return record
 
 

@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from pipeline.config import ExperimentConfig, replace_train
+from pipeline.errors import PipelineError
 from pipeline.front import (
     ATTR_REFERENCE,
     CONFIRM_CLAIM_PREFIX,
@@ -33,6 +34,11 @@ from pipeline.sweep.space import reference_config, suggest_config
 from pipeline.sweep.storage import PreparedStudy
 from pipeline.tracking import TAG_ROLE, Tracker
 from pipeline.variants import Variant
+
+
+class ConfirmationError(PipelineError, RuntimeError):
+    """Some confirmations failed (each run records why); the others are kept, and a re-run of the
+    sweep redoes the failed ones."""
 
 
 def pending(study: optuna.Study, config: ExperimentConfig) -> list[tuple[FrozenTrial, int]]:
@@ -75,7 +81,9 @@ def confirmation_line(trial: int, seed: int, result: RunResult) -> str:
 def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
                   progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
     """Run the missing confirmations of the current front; returns how many ran. A confirmation
-    that fails is reported and left for the next run; a stop request raises KeyboardInterrupt."""
+    that fails is reported (a line to `echo`, its run FAILED with the reason) and the others are
+    still run; then `ConfirmationError` (exit 1) names every failure, the finished ones kept and the
+    failed ones left for the next run. A stop request raises KeyboardInterrupt."""
     study = config.study
     with lease(prepared.storage, lease_name(config.name, "confirm"), study.wait_timeout, echo,
                should_stop) as held:
@@ -87,8 +95,8 @@ def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBa
              held: Lease) -> int:
     study, record, tracker = prepared.study, prepared.record, bases.training.tracker
     close_dead_confirmations(study, tracker)
-    ran = 0
-    for trial, seed in pending(study, config):
+    ran, failures, todo = 0, [], pending(study, config)
+    for trial, seed in todo:
         if should_stop():
             raise KeyboardInterrupt("stop requested between confirmations")
         member, variant, from_base = member_config(trial, prepared, config, bases, seed)
@@ -109,6 +117,7 @@ def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBa
         except Exception as err:  # noqa: BLE001 - recorded on the run; the next run retries it
             echo(f"confirm trial {trial.number:3d} seed {seed} FAILED after "
                  f"{time.perf_counter() - started:.0f} s: {type(err).__name__}: {err}")
+            failures.append(f"trial {trial.number} seed {seed}: {type(err).__name__}: {err}")
             continue
         confirmation = Confirmation(trial.number, seed, result.run_id, result.val, result.test)
         held.verify()  # a holder that lost the lease meanwhile must not record a confirmation
@@ -116,4 +125,9 @@ def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBa
                             confirmation.to_record())
         echo(confirmation_line(trial.number, seed, result))
         ran += 1
+    if failures:
+        shown = "; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
+        raise ConfirmationError(
+            f"{len(failures)} of {len(todo)} confirmations failed ({shown}). The {ran} others are "
+            "kept; fix the cause and re-run `synops sweep` to redo the failed ones")
     return ran

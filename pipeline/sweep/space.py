@@ -17,7 +17,14 @@ from pipeline.evaluate import evaluate
 from pipeline.front import SearchBounds
 from pipeline.inputs import StudyInputs
 from pipeline.train import penalty_weight_for_strength
-from pipeline.variants import DATA_PREFIX, MODEL_PREFIX, Variant, searched_parameters, variant_of
+from pipeline.variants import (
+    DATA_PREFIX,
+    MODEL_PREFIX,
+    Variant,
+    parameters_of,
+    searched_parameters,
+    variant_of,
+)
 
 FLOOR_MARGIN = 1.05  # the lowest target searched sits this far above the input-layer floor
 # What each searched parameter means, stored in the study where optuna-dashboard shows it.
@@ -100,6 +107,26 @@ def plan_study(config: ExperimentConfig, inputs: StudyInputs) -> StudyPlan:
         floors[variant.key] = evaluate(network, inputs.dataset(variant).val).input_layer_synops
         resolve_target_bounds(variant.apply(config), floors[variant.key])  # refuses an empty range
     return StudyPlan(search_bounds(config, inputs.variants), floors)
+
+
+def starter_params(bounds: SearchBounds, plan: StudyPlan, fits: Callable[[Variant], bool]
+                   ) -> dict[str, Any]:
+    """The parameters of the study's first trial: the variant with the lowest input-layer floor
+    among those that fit (the coarsest encoding: its trials reach the fewest SynOps, and its base
+    model is the first one trained), the geometric middle of the penalty strength, the middle of
+    the target range, the fewest epochs and the middle learning rate."""
+    variant = min((v for v in bounds.variants if fits(v)), key=lambda v: plan.floors[v.key])
+    params: dict[str, Any] = {**parameters_of(variant, list(bounds.variants)),
+                              "penalty_strength": math.sqrt(bounds.penalty_strength[0]
+                                                            * bounds.penalty_strength[1]),
+                              "target_position": 0.5}
+    if len(bounds.penalties) > 1:
+        params["penalty"] = bounds.penalties[0]
+    if bounds.epochs:
+        params["epochs"] = bounds.epochs[0]
+    if bounds.lr:
+        params["lr"] = math.sqrt(bounds.lr[0] * bounds.lr[1])
+    return params
 
 
 def parameter_meaning(name: str) -> str:

@@ -38,9 +38,9 @@ from pipeline.front import (
 )
 from pipeline.inputs import StudyInputs, fingerprint_changes
 from pipeline.secrets import redact_url
-from pipeline.sweep.bases import BaseTraining, ensure_variant_base, log_base_to_parent
+from pipeline.sweep.bases import BaseTraining
 from pipeline.sweep.lease import Lease, lease, lease_name
-from pipeline.sweep.space import StudyPlan, parameter_meaning
+from pipeline.sweep.space import StudyPlan, parameter_meaning, starter_params
 from pipeline.tracking import TAG_ROLE, Tracker
 from pipeline.train import EpochStats
 from pipeline.variants import Variant, searched_parameters
@@ -114,7 +114,7 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
     try:
         return optuna.load_study(study_name=name, storage=storage_url)
     except KeyError:
-        raise StudyNotFoundError(f"no study named '{name}' in {storage_url}: run `synops sweep` "
+        raise StudyNotFoundError(f"no study named '{name}' in {redact_url(storage_url)}: run `synops sweep` "
                                  "with this config first") from None
 
 
@@ -175,18 +175,15 @@ def _searched(bounds: SearchBounds) -> list[str]:
 def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
                    config: ExperimentConfig, storage_url: str, inputs: StudyInputs, plan: StudyPlan,
                    training: BaseTraining, held: Lease) -> StudyRecord:
-    """Train (or reuse) the first variant's base model, open the parent run, and store the
-    study's record. The record version is written last: a preparation that dies half-way is
-    redone."""
+    """Open the parent run, queue the starter trial, and store the study's record; no model is
+    trained here (each variant's base model is trained when a trial first needs it). The record
+    version is written last: a preparation that dies half-way is redone."""
     bounds = plan.bounds
-    first: Variant = bounds.variants[0]
-    base = ensure_variant_base(study, storage, config, first, inputs, training)
     tracker, experiment_id = training.tracker, training.experiment_id
     held.verify()  # a holder that lost the lease meanwhile must not open a second parent run
     parent = tracker.start_run(experiment_id, f"study-{config.name}", {
         TAG_ROLE: "study", "synops.study": config.name, "synops.storage": redact_url(storage_url),
         "synops.sampler": config.study.sampler,
-        "synops.base_run_id": base.run_id,
     })
     space = {f"study.space.{k}": v for k, v in bounds.to_record().items() if k != "variants"}
     space["study.variants"] = [v.label for v in bounds.variants]
@@ -194,8 +191,8 @@ def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
                     and not k.startswith("study.space.")}
     floors = {f"study.input_layer_synops.{v.slug}": plan.floors[v.key] for v in bounds.variants}
     parent.log_params(study_params | space | floors)
-    log_base_to_parent(tracker, parent.run_id, base)
-    record = StudyRecord(config.name, config, bounds, {first.key: base}, parent.run_id, inputs.kind,
+    first: Variant = bounds.variants[0]
+    record = StudyRecord(config.name, config, bounds, {}, parent.run_id, inputs.kind,
                          inputs.raw[first.data_key].num_classes, dict(inputs.fingerprints))
     study.set_metric_names(list(OBJECTIVE_NAMES))  # optuna-dashboard labels its plots with them
     study.set_user_attr("objectives", "val_accuracy: accuracy on the validation split (maximised); "
@@ -207,6 +204,10 @@ def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
                                       "fingerprints": record.fingerprints})
     study.set_user_attr(ATTR_PARENT_RUN, parent.run_id)
     held.verify()
+    if config.study.starter_trial and config.study.sampler != "grid":
+        chip = config.study.constraints.chip
+        study.enqueue_trial(starter_params(bounds, plan, lambda v: not chip
+                                           or inputs.chip_mapping(v, chip).fits))
     study.set_user_attr(ATTR_SCHEMA, SCHEMA_VERSION)
     return record
 

@@ -27,6 +27,7 @@ from pipeline.figures import pareto_png
 from pipeline.front import (
     ATTR_FAILURE,
     ATTR_INFEASIBLE,
+    ATTR_PRUNED,
     ATTR_REFERENCE,
     ATTR_RUN_ID,
     ATTR_SECONDS,
@@ -55,7 +56,7 @@ from pipeline.sweep.lease import LeaseLostError, LeaseTimeoutError, lease, lease
 from pipeline.sweep.objective import BaseModelUnavailableError, TrialRunner, VariantBases
 from pipeline.sweep.space import make_sampler, plan_study, sampler_seed
 from pipeline.sweep.storage import PreparedStudy, close_orphaned_runs, open_storage, prepare_study
-from pipeline.tracking import Tracker
+from pipeline.tracking import PublishError, Tracker
 from pipeline.train import EpochStats, epoch_line
 from pipeline.variants import Variant
 
@@ -89,6 +90,8 @@ def trial_line(trial: FrozenTrial) -> str:
         resolved = {k: trial.user_attrs[k] for k in (ATTR_TARGET,) if k in trial.user_attrs}
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in (trial.params | resolved).items()) + where
+    if ATTR_PRUNED in trial.user_attrs:
+        return f"trial {trial.number:3d} pruned: {params} | {trial.user_attrs[ATTR_PRUNED]}"
     if trial.state != TrialState.COMPLETE:
         reason = trial.user_attrs.get(ATTR_FAILURE, "process died or was interrupted")
         return f"trial {trial.number:3d} {trial.state.name}: {params} | {reason}"
@@ -128,14 +131,18 @@ def publish_front(prepared: PreparedStudy, tracker: Tracker, with_metrics: bool 
         record.parent_run_id, "report/index.html")))
 
 
-def _publish_or_warn(prepared: PreparedStudy, tracker: Tracker, with_metrics: bool = True) -> None:
-    """Publishing is a report on the side: if it fails (a full artifact store), say so and let the
-    trials decide whether the sweep goes on."""
+def _publish_or_warn(prepared: PreparedStudy, tracker: Tracker, with_metrics: bool = True) -> str | None:
+    """Publish the front (`publish_front`); if that fails (a full artifact store), warn on stderr
+    and return the reason, so that the trials go on: the sweep publishes once more when they are
+    done and fails if that fails too (`run_sweep`). None when it was published."""
     try:
         publish_front(prepared, tracker, with_metrics)
-    except Exception as err:  # noqa: BLE001 - any failure to publish is only reported
-        print(f"warning: could not publish the front to MLflow: {type(err).__name__}: {err}",
-              file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - whatever it is, the trials go on; the caller decides
+        reason = f"{type(err).__name__}: {err}"
+        print(f"warning: could not publish the front to MLflow ({reason}); the trials go on and the "
+              "sweep tries again when they are done", file=sys.stderr)
+        return reason
+    return None
 
 
 def base_epoch_echo(echo: Callable[[str], None], config: ExperimentConfig
@@ -191,7 +198,8 @@ def run_worker(config: ExperimentConfig, prepared: PreparedStudy, bases: Variant
     study, tracker = prepared.study, bases.training.tracker
     study.sampler = make_sampler(config, prepared.record.bounds,
                                  sampler_seed(config.study.seed, claim_worker_number(config, prepared)))
-    bases.state(prepared.record.bounds.variants[0])  # unreadable: stop before any trial
+    for base in study_bases(study).values():  # one that cannot be read stops the worker before any trial
+        bases.state(base.variant)
     runner = TrialRunner(config, prepared, bases, progress, stop_requested)
     failed_in_a_row: list[FrozenTrial] = []
 
@@ -201,13 +209,15 @@ def run_worker(config: ExperimentConfig, prepared: PreparedStudy, bases: Variant
         if trial.state == TrialState.COMPLETE:
             failed_in_a_row.clear()
             _publish_or_warn(prepared, tracker)
+        elif ATTR_PRUNED in trial.user_attrs:
+            failed_in_a_row.clear()
         elif trial.state == TrialState.FAIL:
             failed_in_a_row.append(trial)
         if on_trial is not None:
             on_trial(trial)
 
     def finished() -> int:
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return study_counts(study).finished
 
     def open_slots() -> int:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -266,7 +276,10 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
     finished trials, confirm the front with more seeds, and publish the front to MLflow. With
     `progress`, bars and a line per trial; without (a log file), `echo` gets a line per
     base-model epoch, trial and confirmation. The data and networks are loaded and checked first,
-    once in this process: a `ConfigError` leaves both stores untouched."""
+    once in this process: a `ConfigError` leaves both stores untouched. Whatever happens, the
+    parent run is closed (unless workers elsewhere still run trials). Raises what stopped the
+    trials or confirmations (e.g. `ConfirmationError`); after they all finished, `PublishError`
+    (exit 1) if the front could not be published to the parent run, finished work kept."""
     inputs = load_inputs(config)
     plan = plan_study(config, inputs)
     tracker = Tracker(tracking_uri)
@@ -310,9 +323,13 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
         with shielded():
             try:
                 close_orphaned_runs(study, tracker)
-                _publish_or_warn(prepared, tracker, with_metrics=False)
+                unpublished = _publish_or_warn(prepared, tracker, with_metrics=False)
             finally:
                 _close_parent_unless_others_run(prepared, tracker, status)
+    if unpublished:  # reached only when nothing else went wrong, which would be the news
+        raise PublishError(
+            f"the front could not be published to the study's MLflow run {prepared.record.parent_run_id} "
+            f"({unpublished}); the trials are kept: fix the cause and re-run `synops sweep` to publish it")
     return study
 
 
