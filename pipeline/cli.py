@@ -113,6 +113,21 @@ def trial_option(help_text: str) -> Callable:
                         help=help_text)
 
 
+def member_options(command: Callable) -> Callable:
+    """The options of commands that check a study's members (`snn`, `deploy`): which members,
+    and on how many test samples the spiking simulation runs."""
+    for option in (
+        click.option("--max-samples", type=click.IntRange(min=0), default=None,
+                     help="Test samples to simulate as a spiking network [default: snn.max_samples; "
+                          "0 = all]."),
+        click.option("--front", "whole_front", is_flag=True, help="Check every front member."),
+        click.option("--knee", is_flag=True, help="Check the front's knee."),
+        trial_option("Check this finished trial."),
+    ):
+        command = option(command)
+    return command
+
+
 def _output(quiet: bool) -> tuple[bool, Callable[[str], None]]:
     """Progress bars only on a terminal; elsewhere (a log file, CI, a scheduler) timestamped lines,
     so that a log reads like the terminal's summary and holds no control characters."""
@@ -382,11 +397,7 @@ def export(config_path: str, assignments: tuple[str, ...], tracking_uri: str | N
 
 @main.command()
 @study_options
-@trial_option("Check this finished trial.")
-@click.option("--knee", is_flag=True, help="Check the front's knee.")
-@click.option("--front", "whole_front", is_flag=True, help="Check every front member.")
-@click.option("--max-samples", type=click.IntRange(min=0), default=None,
-              help="Test images to simulate [default: snn.max_samples; 0 = all 10,000].")
+@member_options
 @quiet_option
 @_fail_cleanly
 def snn(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None,
@@ -422,11 +433,7 @@ def snn(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None
 @set_option
 @tracking_option
 @storage_option
-@trial_option("Check this finished trial of the study.")
-@click.option("--knee", is_flag=True, help="Check the front's knee.")
-@click.option("--front", "whole_front", is_flag=True, help="Check every front member.")
-@click.option("--max-samples", type=click.IntRange(min=0), default=None,
-              help="Test samples to simulate as a spiking network [default: snn.max_samples; 0 = all].")
+@member_options
 @click.option("--data-root", default=None, help="Where a run's data lives, if not where it was trained.")
 @_fail_cleanly
 def deploy(run_id: str | None, chip: str, config_path: str | None, assignments: tuple[str, ...],

@@ -12,6 +12,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.inputs import load_inputs
 from pipeline.mnist_files import _write_idx
+from pipeline.services import ServicesError, postgres_bin
 from pipeline.sweep.space import plan_study
 from pipeline.sweep.storage import prepare_study
 from pipeline.sweep.workers import run_sweep
@@ -53,6 +54,15 @@ def idx_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh SQLite MLflow store in a temporary folder."""
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def postgres_missing() -> str | None:
+    """Why no PostgreSQL server can be started here (no Debian binaries), or None."""
+    try:
+        postgres_bin(install=False, echo=print)
+    except ServicesError as err:
+        return str(err)
+    return None
 
 
 def smoke_overrides(idx_root: Path) -> dict[str, object]:

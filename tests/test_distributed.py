@@ -22,23 +22,15 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from pipeline.front import study_bases
-from pipeline.services import Services, ServicesError, postgres_bin, start_services, stop_services
-from tests.conftest import EXPERIMENTS, make_idx_dataset
+from pipeline.services import Services, start_services, stop_services
+from tests.conftest import EXPERIMENTS, make_idx_dataset, postgres_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRIALS = 6
 
 
-def _postgres_missing() -> str | None:
-    try:
-        postgres_bin(install=False, echo=print)
-    except ServicesError as err:
-        return str(err)
-    return None
-
-
 pytestmark = pytest.mark.skipif(
-    _postgres_missing() is not None,
+    postgres_missing() is not None,
     reason="PostgreSQL is not installed here (CI's .ci/run installs Debian's postgresql)")
 
 

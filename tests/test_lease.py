@@ -23,7 +23,6 @@ import sqlalchemy
 
 from pipeline.services import (
     Services,
-    ServicesError,
     _start_postgres,  # PostgreSQL alone: start_services would also start MLflow (~25 s)
     _stop_postgres,
     free_port,
@@ -37,6 +36,7 @@ from pipeline.sweep.lease import (
     lease,
     lease_name,
 )
+from tests.conftest import postgres_missing
 from tests.lease_worker import URL_VARIABLE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,19 +46,11 @@ PAUSE_SECONDS = 3  # a holder stopped this long outlived the old lease's grace p
 PROMPT_SECONDS = 2  # a lease whose holder died is free within this
 
 
-def _postgres_missing() -> str | None:
-    try:
-        postgres_bin(install=False, echo=print)
-    except ServicesError as err:
-        return str(err)
-    return None
-
-
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """Optuna's database on a PostgreSQL cluster of its own (under /tmp: as root it runs as
     `postgres`, which must be able to enter the folder), removed afterwards."""
-    missing = _postgres_missing()
+    missing = postgres_missing()
     if missing is not None:
         pytest.skip(f"no PostgreSQL binaries here: {missing}")
     folder = Path(tempfile.mkdtemp(prefix="synops-lease-"))

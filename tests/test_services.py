@@ -18,16 +18,8 @@ import sqlalchemy
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.services import STATE_FILE, ServicesError, load_services, postgres_bin, stop_services
-from tests.conftest import EXPERIMENTS, smoke_overrides
-
-
-def _postgres_missing() -> str | None:
-    try:
-        postgres_bin(install=False, echo=print)
-    except ServicesError as err:
-        return str(err)
-    return None
+from pipeline.services import STATE_FILE, load_services, stop_services
+from tests.conftest import EXPERIMENTS, postgres_missing, smoke_overrides
 
 
 def _ps() -> str:
@@ -60,7 +52,7 @@ def test_stop_never_signals_a_process_the_services_did_not_start(tmp_path: Path)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_postgres_missing() is not None, reason="PostgreSQL is not installed here")
+@pytest.mark.skipif(postgres_missing() is not None, reason="PostgreSQL is not installed here")
 def test_the_password_is_in_no_command_line_output_or_store(idx_root: Path, tmp_path: Path) -> None:
     """Services started in a folder of the user's (its mode kept), a sweep on another "machine"
     given only the password-free URL and the pgpass file, then the sweep's and the services'
