@@ -348,6 +348,22 @@ def _stop_postgres(folder: Path, echo: Callable[[str], None] = print) -> bool:
     return True
 
 
+def _stop_mlflow(known: Services) -> None:
+    """Stop the MLflow server `known` records, which must be the process started (`_is_ours`):
+    SIGTERM to its process group, SIGKILL after 30 s."""
+    # It leads a session of its own (started so), so its group is its workers and nothing else.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(known.mlflow_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _is_ours(known.mlflow_pid, known.mlflow_started) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(known.mlflow_pid, os.WNOHANG)
+        time.sleep(0.2)
+    if _is_ours(known.mlflow_pid, known.mlflow_started):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(known.mlflow_pid, signal.SIGKILL)
+
+
 def stop_services(folder: Path = DEFAULT_FOLDER, echo: Callable[[str], None] = print) -> bool:
     """Stop both servers of `folder` (their data stays); False if none was running. A process
     named by a stale record (after a reboot its id may belong to anything) is never signalled:
@@ -360,16 +376,49 @@ def stop_services(folder: Path = DEFAULT_FOLDER, echo: Callable[[str], None] = p
              f"record in {folder / STATE_FILE} is stale, e.g. after a reboot, or lacks its start "
              "time): left alone")
     if running:
-        # It leads a session of its own (started so), so its group is its workers and nothing else.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(known.mlflow_pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while _is_ours(known.mlflow_pid, known.mlflow_started) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(known.mlflow_pid, os.WNOHANG)
-            time.sleep(0.2)
-        if _is_ours(known.mlflow_pid, known.mlflow_started):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(known.mlflow_pid, signal.SIGKILL)
+        _stop_mlflow(known)
     stopped_postgres = _stop_postgres(folder, echo)
     return running or stopped_postgres
+
+
+def _running(folder: Path) -> Services:
+    """The services recorded in `folder`, whose MLflow server still runs; `ServicesError` if not."""
+    known = load_services(folder)
+    if known is None or not _is_ours(known.mlflow_pid, known.mlflow_started):
+        raise ServicesError(f"the services in {folder} are not running: `synops services start` first")
+    return known
+
+
+def restart_postgres(folder: Path = DEFAULT_FOLDER, downtime: float = 0.0,
+                     echo: Callable[[str], None] = print) -> None:
+    """Stop the services' PostgreSQL (`pg_ctl stop -m fast`, which ends every session, only if its
+    postmaster.pid names its own server), leave it down for `downtime` seconds, and start it
+    again: same port, password and data. The MLflow server keeps running (its requests fail
+    meanwhile). What a database restart does to the workers of a study; used by the tests.
+    Raises `ServicesError` when the services do not run or PostgreSQL cannot be stopped or
+    started."""
+    folder = folder.resolve()
+    known = _running(folder)
+    if not _stop_postgres(folder, echo):
+        raise ServicesError(f"PostgreSQL of the services in {folder} is not running")
+    time.sleep(downtime)
+    _start_postgres(postgres_bin(install=False, echo=echo), folder, known.host, known.postgres_port,
+                    known.password)
+
+
+def restart_mlflow(folder: Path = DEFAULT_FOLDER, downtime: float = 0.0,
+                   mlflow_workers: int = 2) -> Services:
+    """Stop the services' MLflow server (the process they started, never another holding its
+    recorded id), leave it down for `downtime` seconds, and start a new one on the same port;
+    PostgreSQL keeps running. Records the new server's process id and returns the services.
+    What a tracking-server restart does to the workers of a study; used by the tests. Raises
+    `ServicesError` when the services do not run or the server cannot be started again."""
+    folder = folder.resolve()
+    known = _running(folder)
+    _stop_mlflow(known)
+    time.sleep(downtime)
+    process = _start_mlflow(known, folder, mlflow_workers)
+    services = dataclasses.replace(known, mlflow_pid=process.pid,
+                                   mlflow_started=_process_start(process.pid) or "")
+    _save(services)
+    return services

@@ -294,8 +294,11 @@ def test_runs_compare_in_the_mlflow_ui_and_the_parent_carries_the_study_summary(
         assert searched <= set(run.data.params)
         assert not any(k.startswith("study.") for k in run.data.params)
         assert float(run.data.params["train.target_synops"]) > 0
-    for encoding in (255, 15):  # each base model's resolved target range, on the study's run
-        low, high = parent.data.params[f"study.base.{encoding}.target_synops"].strip("()[]").split(",")
+    trained = study_bases(stores.study()).values()
+    assert trained  # each base model's resolved target range, on the study's run
+    for base in trained:
+        resolved = parent.data.params[f"study.base.{base.variant.slug}.target_synops"]
+        low, high = resolved.strip("()[]").split(",")
         assert 0 < float(low) < float(high)
     assert parent.data.metrics["finished_trials"] == N_TRIALS
     assert parent.data.metrics["failed_trials"] == 0
@@ -372,8 +375,10 @@ def test_without_a_terminal_a_sweep_logs_plain_timestamped_lines(idx_root: Path,
     trial_lines = [line for line in done.stdout.splitlines() if re.match(stamp + "trial ", line)]
     assert len(trial_lines) == N_TRIALS
     assert re.search(f"^{stamp}confirm trial ", done.stdout, re.MULTILINE)
-    for encoding in (255, 15):  # the second base model is trained by the first trial needing it
-        assert re.search(rf"^\S+ \S+ base model \({encoding} spikes/pixel\) epoch 1/1: ", done.stdout,
+    trained = study_bases(stores.study()).values()
+    assert trained  # each base model is trained by the first trial needing it, its epochs logged
+    for base in trained:
+        assert re.search(rf"^\S+ \S+ base model \({base.variant.label}\) epoch 1/1: ", done.stdout,
                          re.MULTILINE)
     assert ":lease:" not in output
 

@@ -151,3 +151,20 @@ def test_building_a_model_leaves_the_global_random_state_alone() -> None:
     second = build_model(ModelConfig(), (1, 28, 28), 10)
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)  # the same config always starts from the same network
+
+
+def test_under_bfloat16_autocast_the_counts_stay_float32_and_exact() -> None:
+    """Autocast runs the convolutions in bfloat16, but what the counter adds up (spike counts
+    times fan-outs, totals in the 1e5..1e7) is computed in float32: the input layer, whose spikes
+    are the data's, is counted exactly as without autocast; deeper layers count the spikes that
+    the bfloat16 network emits (`synops bench` measures how often those differ)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), (1, 28, 28), 10)
+    images = torch.randint(0, 256, (16, 1, 28, 28)).float()
+    with torch.no_grad(), SynOpsCounter(model) as counter:
+        model(images)
+        exact = counter.per_layer["0"].item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(images)
+        assert counter.per_sample.dtype == torch.float32
+        assert counter.per_layer["0"].item() == exact  # bit for bit

@@ -1,0 +1,278 @@
+"""Server faults during a study shared by worker processes: a real PostgreSQL and `mlflow server` on
+loopback (started here, as in tests/test_distributed.py), each restarted while three workers run
+trials; lease holders paused (SIGSTOP) for longer than the grace period; an artifact store that is
+full. Each study must still end with `n_trials` distinct COMPLETE trials, nothing RUNNING, one
+parent run, one base model per variant and one confirmation per front member and seed."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import optuna
+import psycopg
+import pytest
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline.front import CONFIRM_RESULT_PREFIX, study_bases
+from pipeline.services import Services, restart_mlflow, restart_postgres, start_services, stop_services
+from pipeline.sweep.lease import _key_digest, lease_name
+from pipeline.sweep.workers import run_sweep
+from tests.conftest import EXPERIMENTS, make_idx_dataset, postgres_missing, smoke_overrides
+
+N_TRIALS = 8
+HEARTBEAT, GRACE = 1, 4  # seconds: study.heartbeat_interval and study.grace_period of the workers
+PAUSE = 2 * GRACE  # a paused lease holder stays stopped this long
+DOWNTIME = 2  # seconds each server stays down
+WORKERS = 3
+STUDY_TIMEOUT = 400  # seconds for a whole study of three workers
+
+needs_postgres = pytest.mark.skipif(
+    postgres_missing() is not None,
+    reason="PostgreSQL is not installed here (CI's .ci/run installs Debian's postgresql)")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Services]:
+    """Both servers in a folder under /tmp (PostgreSQL, run as `postgres` under root, must be
+    able to enter it), stopped and removed afterwards whatever happened."""
+    folder = Path(tempfile.mkdtemp(prefix="synops-faults-"))
+    folder.chmod(0o755)
+    try:
+        yield start_services(folder / "services", install=False, echo=lambda line: None)
+    finally:
+        stop_services(folder / "services", echo=lambda line: None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated images every worker reads (each study's workers share it, read-only)."""
+    return make_idx_dataset(tmp_path_factory.mktemp("faults-data"), train=1200, test=200)
+
+
+class Machines:
+    """`WORKERS` worker processes (`synops sweep` on the smoke config), each in a folder of its own
+    with its own log, sharing only the two servers' URLs and the data."""
+
+    def __init__(self, services: Services, name: str, data_root: Path, folder: Path) -> None:
+        self.services, self.name = services, name
+        sets = {"name": name, "data.root": str(data_root), "data.verify_checksums": "false",
+                "data.val_size": "100", "study.n_trials": str(N_TRIALS),
+                "study.heartbeat_interval": str(HEARTBEAT), "study.grace_period": str(GRACE)}
+        self.command = [sys.executable, "-m", "pipeline", "sweep", "--quiet",
+                        "--config", str(EXPERIMENTS / "smoke.toml"),
+                        "--storage", services.worker_storage_url, "--tracking-uri", services.tracking_uri,
+                        *[f"--set={k}={v}" for k, v in sets.items()]]
+        self.folders = [folder / f"machine-{i}" for i in range(WORKERS)]
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Machines:
+        env = os.environ | {"OMP_NUM_THREADS": "1", "PGPASSFILE": str(self.services.pgpass_file)}
+        for folder in self.folders:
+            folder.mkdir(parents=True)
+            with open(folder / "sweep.log", "w") as log:
+                self.processes.append(subprocess.Popen(self.command, cwd=folder, env=env, stdout=log,
+                                                       stderr=subprocess.STDOUT))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self.processes:  # never left running
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGCONT)
+                    process.kill()
+                process.wait()
+
+    def output(self) -> str:
+        return "\n".join(f"--- {folder.name}\n{(folder / 'sweep.log').read_text()}"
+                         for folder in self.folders)
+
+    def wait(self) -> list[int]:
+        """Every worker's exit code, once all have exited."""
+        deadline = time.monotonic() + STUDY_TIMEOUT
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the workers did not finish: {self.output()[-8000:]}") from None
+        return [p.returncode for p in self.processes]
+
+    def until(self, what: str, condition: Callable[[], object]) -> object:
+        """Poll `condition` until it returns something true, and return that; fails the test if
+        the workers all exit or it takes too long."""
+        deadline = time.monotonic() + STUDY_TIMEOUT
+        while time.monotonic() < deadline:
+            with contextlib.suppress(KeyError):  # the study does not exist yet
+                found = condition()
+                if found:
+                    return found
+            if all(p.poll() is not None for p in self.processes):
+                raise AssertionError(f"the workers exited before {what}: {self.output()[-8000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"not seen in time: {what}: {self.output()[-8000:]}")
+
+    def study(self) -> optuna.Study:
+        return optuna.load_study(study_name=self.name, storage=self.services.storage_url)
+
+
+def complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def training(study: optuna.Study) -> bool:
+    """Whether a fine-tuning trial is running, its MLflow run opened."""
+    return any(t.params and "mlflow_run_id" in t.user_attrs
+               for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def lease_holders(services: Services) -> dict[int, int]:
+    """The leases held now: advisory lock key (64 bits, unsigned) -> its holder's process id
+    (the application name a lease sets is `host:pid`)."""
+    with psycopg.connect(host=services.host, port=services.postgres_port, user="synops",
+                         password=services.password, dbname="optuna", autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT (l.classid::bigint << 32) | l.objid::bigint, a.application_name FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted"
+        ).fetchall()
+    return {key: int(holder.rsplit(":", 1)[1]) for key, holder in rows if ":" in holder}
+
+
+def lease_key(study: str, what: str) -> int:
+    """The advisory lock key of a study's lease on `what`, as pg_locks shows it (unsigned)."""
+    return int.from_bytes(_key_digest(lease_name(study, what)), "big")
+
+
+def check_the_study(services: Services, name: str, output: str) -> optuna.Study:
+    """What every study must hold at its end, whatever happened to its servers and workers."""
+    final = optuna.load_study(study_name=name, storage=services.storage_url)
+    trials = final.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == N_TRIALS, output[-8000:]
+    params = [json.dumps(t.params, sort_keys=True) for t in done]
+    assert len(set(params)) == len(params)  # distinct: no proposal finished twice
+    assert [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)] == []
+    assert sum(1 for t in done if t.user_attrs.get("reference")) == 1
+
+    client = MlflowClient(services.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    roles = Counter(r.data.tags.get("synops.role") for r in runs)
+    assert [(r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"] == []
+    (parent,) = [r for r in runs if r.data.tags.get("synops.role") == "study"]
+    assert parent.info.status == "FINISHED"
+    bases = [r for r in runs if r.data.tags.get("synops.role") == "base"]
+    assert sorted(r.info.run_id for r in bases) == sorted(b.run_id for b in study_bases(final).values())
+    assert roles["base"] == len({b.variant for b in study_bases(final).values()})  # one per variant
+    for trial in done:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert (run.info.status, run.data.tags["mlflow.parentRunId"]) == ("FINISHED", parent.info.run_id)
+    confirmations = [r for r in runs if r.data.tags.get("synops.role") == "confirmation"]
+    pairs = Counter((r.data.tags["synops.confirms_trial"], r.data.tags["synops.seed"]) for r in confirmations)
+    assert confirmations and max(pairs.values()) == 1, pairs  # no duplicate confirmation
+    recorded = [k for k in final.user_attrs if k.startswith(CONFIRM_RESULT_PREFIX)]
+    assert len(recorded) == len(confirmations)
+    assert all(r.info.status == "FINISHED" for r in confirmations)
+
+    logs = [output, *(p.read_text(errors="replace") for p in Path(services.folder).rglob("*.log"))]
+    assert not any(services.password in log for log in logs)
+    return final
+
+
+@needs_postgres
+def test_a_study_survives_restarts_of_postgres_and_of_the_mlflow_server(
+    servers: Services, data_root: Path, tmp_path: Path
+) -> None:
+    """PostgreSQL (Optuna's storage and MLflow's backend store) and then the MLflow server are
+    stopped for `DOWNTIME` s and started again on their ports while three workers train trials
+    (never while one holds a lease: a lease lost to a restart discards its holder's work, see the
+    next test); the workers wait for them and the study ends as if nothing happened."""
+    name = "faults-restart"
+    with Machines(servers, name, data_root, tmp_path) as machines:
+        machines.until("a trial trains, one has finished and no lease is held",
+                       lambda: complete(s := machines.study()) >= 1 and training(s)
+                       and not lease_holders(servers))
+        restart_postgres(Path(servers.folder), downtime=DOWNTIME, echo=lambda line: None)
+        after = complete(machines.study())
+        machines.until("another trial finishes and one trains",
+                       lambda: complete(s := machines.study()) > after and training(s))
+        restart_mlflow(Path(servers.folder), downtime=DOWNTIME)
+        codes = machines.wait()
+        output = machines.output()
+    assert codes == [0] * WORKERS, output[-8000:]
+    check_the_study(servers, name, output)
+
+
+@needs_postgres
+def test_lease_holders_paused_past_the_grace_period_keep_their_leases(
+    servers: Services, data_root: Path, tmp_path: Path
+) -> None:
+    """The worker training a base model and then the one confirming the front are stopped
+    (SIGSTOP) for twice the grace period while holding their lease: nobody takes it over, the
+    others wait, and after SIGCONT the study holds one base per variant and no confirmation
+    twice."""
+    name = "faults-pause"
+    bases = {lease_key(name, f"base-spikes_per_pixel={s}") for s in (255, 15)}
+    with Machines(servers, name, data_root, tmp_path) as machines:
+        for what, keys in (("a base model's lease", bases), ("the confirmation lease",
+                                                              {lease_key(name, "confirm")})):
+            pid = machines.until(f"a worker holds {what}", lambda keys=keys: next(
+                (pid for key, pid in lease_holders(servers).items() if key in keys), None))
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(PAUSE)
+                assert pid in lease_holders(servers).values()  # still its lease
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        codes = machines.wait()
+        output = machines.output()
+    assert codes == [0] * WORKERS, output[-8000:]
+    check_the_study(servers, name, output)
+
+
+def test_a_full_artifact_store_fails_the_trial_with_its_reason_and_the_study_goes_on(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logging a checkpoint fails with ENOSPC twice (the disk is full, then space is freed): those
+    trials are FAILED with the reason, their runs too, and the study goes on to `n_trials`."""
+    from pipeline.config import load_config
+
+    full = {"left": 2}
+    log_artifact = LocalArtifactRepository.log_artifact
+
+    def fill_up(self: LocalArtifactRepository, local_file: str, artifact_path: str | None = None) -> None:
+        run_id = Path(self.artifact_dir).parent.name  # <experiment>/<run>/artifacts
+        if (Path(local_file).name == "state_dict.pt" and full["left"]
+                and MlflowClient(tracking).get_run(run_id).data.tags["synops.role"] == "trial"):
+            full["left"] -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        log_artifact(self, local_file, artifact_path)
+
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifact", fill_up)
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(data_root))
+    study = run_sweep(config, storage, tracking, progress=False, echo=lambda line: None)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == config.study.n_trials
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 2
+    client = MlflowClient(tracking)
+    for trial in failed:
+        assert "No space left on device" in trial.user_attrs["fail_reason"]
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED"
+        assert "No space left on device" in run.data.tags["synops.failure_reason"]
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
