@@ -7,7 +7,7 @@ CONFIG ?= experiments/mnist.toml
 TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 STORAGE ?= sqlite:///mlruns/optuna.db
 
-.PHONY: install test lint data train sweep report snn bench ui dashboard services services-stop clean
+.PHONY: install test test-quick lint data train sweep report snn deploy bench ui dashboard services services-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,11 @@ install: $(STAMP)  ## create or refresh .venv
 test: $(STAMP)  ## the test suite (generated data, plus one short run on real MNIST)
 	$(BIN)/pytest
 
+test-quick: $(STAMP)  ## the tests that train for at most a few seconds each
+	$(BIN)/pytest -m "not slow"
+
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff check pipeline tests examples
 
 data: $(STAMP)  ## fetch and verify the dataset of $(CONFIG)
 	$(BIN)/synops data --config $(CONFIG)
@@ -37,6 +40,9 @@ report: $(STAMP)  ## Pareto-front report of the study of $(CONFIG) in reports/
 
 snn: $(STAMP)  ## every front member of $(CONFIG)'s study simulated as a spiking network
 	$(BIN)/synops snn --config $(CONFIG) --front
+
+deploy: $(STAMP)  ## every front member of $(CONFIG)'s study checked for the Speck chip (8-bit, cores)
+	$(BIN)/synops deploy --config $(CONFIG) --front
 
 bench: $(STAMP)  ## training-step speed vs the tutorial's loop, and the counter's overhead
 	$(BIN)/synops bench

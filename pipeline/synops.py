@@ -15,6 +15,9 @@ from torch.func import functional_call
 
 COUNTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 REDUCED_PRECISION = (torch.bfloat16, torch.float16)  # spike counts in these are counted in float32
+# What decides a layer's fan-out map besides its weight's shape (`nn.Linear` has none of these).
+GEOMETRY_ATTRIBUTES = ("stride", "padding", "dilation", "groups", "padding_mode", "output_padding")
+_FAN_OUT_MAPS: dict[tuple, torch.Tensor] = {}  # by geometry: computed once per process
 
 
 def counted_layer_names(model: nn.Module) -> list[str]:
@@ -36,6 +39,12 @@ def fan_out_map(layer: nn.Module, input_shape: torch.Size | tuple[int, ...]) -> 
     with torch.enable_grad(), torch.autocast(probe.device.type, enabled=False):  # counts are exact
         functional_call(layer, params, (probe,)).sum().backward()
     return probe.grad[0].detach()
+
+
+def _geometry(layer: nn.Module) -> tuple:
+    """What the layer's fan-out map depends on: its type, weight shape and connection pattern."""
+    return (type(layer), tuple(layer.weight.shape),
+            *(str(getattr(layer, name, None)) for name in GEOMETRY_ATTRIBUTES))
 
 
 class _MeanFanOutDot(torch.autograd.Function):
@@ -72,7 +81,6 @@ class SynOpsCounter:
         self.model = model
         modules = dict(model.named_modules())
         self._layers = {name: modules[name] for name in counted_layer_names(model)}
-        self._fan_out_cache: dict[tuple, torch.Tensor] = {}
         self._per_sample_by_layer: dict[str, torch.Tensor] = {}
         self._mean_by_layer: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -101,10 +109,12 @@ class SynOpsCounter:
     def _fan_out(self, name: str, flat: torch.Tensor, sample_shape: torch.Size,
                  channels_last: bool) -> torch.Tensor:
         """The layer's fan-out map for one sample of `sample_shape`, flattened in the memory order
-        of `flat` (the batch's inputs, flattened) and in its dtype."""
+        of `flat` (the batch's inputs, flattened) and in its dtype. Maps depend on the layer's
+        geometry only, so they are shared by every counter of the process (a network is evaluated
+        after every epoch, each time with a new counter)."""
         layer = self._layers[name]
-        key = (name, tuple(sample_shape), flat.device, flat.dtype, layer.weight.shape, channels_last)
-        if key not in self._fan_out_cache:
+        key = (_geometry(layer), tuple(sample_shape), flat.device, flat.dtype, channels_last)
+        if key not in _FAN_OUT_MAPS:
             self._probing = True
             try:
                 fan_out = fan_out_map(layer, sample_shape).to(flat.dtype)
@@ -112,8 +122,8 @@ class SynOpsCounter:
                 self._probing = False
             if channels_last:
                 fan_out = fan_out.permute(1, 2, 0)
-            self._fan_out_cache[key] = fan_out.flatten()
-        return self._fan_out_cache[key]
+            _FAN_OUT_MAPS[key] = fan_out.flatten()
+        return _FAN_OUT_MAPS[key]
 
     def _hook_for(self, name: str):
         def count(module: nn.Module, args: tuple) -> None:

@@ -5,15 +5,26 @@ sets MLflow's process-global URI or uses its "active run", so two stores can be 
 and no run is closed behind the pipeline's back at exit. The default store is SQLite at
 `mlruns/mlflow.db` with artifacts beside it in `mlruns/artifacts` (MLflow's plain file store is
 deprecated).
+
+A tracking server that stops answering (it restarts, its database restarts) is waited for by
+MLflow's own client, which retries every request that got no answer or a 408/429/5xx, 7 times with
+exponential backoff (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, `MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`: after
+0, 4, 8, ... 120 s, about 4 minutes in all), so a restart of a minute or two is only a pause. When
+those retries give up on a server that does not answer, the call raises `ServerUnavailableError`
+naming the server, and so does every later call, at once, until its `/health` answers again. A
+request the server answered with an error (a full artifact store: HTTP 500 after the retries; on a
+local store an `OSError`) fails that call only: the run records why and the trial fails.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +35,19 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # The pipeline prints its own links; MLflow's "View run ... at" line per run through a server is noise.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# MLflow's own retries of a request to a tracking server (its defaults, pinned: see above).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
 
+import requests  # noqa: E402
 import torch  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.errors import PipelineError
+from pipeline.retry import ServerUnavailableError, first_line
+from pipeline.secrets import redact_url
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 CHECKPOINT_ARTIFACT = "model/state_dict.pt"
@@ -65,10 +82,73 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _no_answer(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) means the server gave no answer at all:
+    refused or dropped connections, timeouts. An answer with an error status is not that."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class _ServerClient:
+    """An `MlflowClient` for a tracking server, whose calls raise `ServerUnavailableError` when
+    MLflow's own retries gave up on a server that does not answer, and then at once (without
+    another round of retries) until the server's `/health` answers again.
+
+    Hand-written: MLflow retries each request on its own and has no notion of a server that is
+    down for every request."""
+
+    HEALTH_TIMEOUT = 5  # seconds for the /health check of a server that gave no answer last time
+
+    def __init__(self, uri: str) -> None:
+        self._client = MlflowClient(uri)
+        self._uri = uri
+        self._down: str | None = None  # why the last call found the server unavailable
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        return self._guarded(method) if callable(method) else method
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self._uri.rstrip('/')}/health",
+                                        timeout=self.HEALTH_TIMEOUT) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _unavailable(self, detail: str) -> ServerUnavailableError:
+        return ServerUnavailableError(
+            f"the MLflow tracking server at {redact_url(self._uri)} does not answer ({detail}); "
+            "finished work is kept: start the server again and re-run the command to continue")
+
+    def _guarded(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._down is not None:
+                if not self._answers():
+                    raise self._unavailable(self._down)
+                self._down = None
+            started = time.monotonic()
+            try:
+                return method(*args, **kwargs)
+            except (MlflowException, requests.exceptions.RequestException) as err:
+                if not _no_answer(err):
+                    raise
+                self._down = (f"MLflow's retries gave up after {time.monotonic() - started:.0f} s; "
+                              f"last: {first_line(err)}")
+                raise self._unavailable(self._down) from err
+
+        return call
+
+
 class TrackedRun:
     """One MLflow run being written; ends with `finish()` or `fail()`."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient | _ServerClient, run_id: str) -> None:
         self._client = client
         self.run_id = run_id
 
@@ -125,8 +205,9 @@ class Tracker:
         db = _sqlite_path(uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        self._client = MlflowClient(uri)
+        self._client = _ServerClient(uri) if uri.startswith(("http://", "https://")) else MlflowClient(uri)
         self._client.search_experiments(max_results=1)
+        self.started_runs: list[str] = []  # the runs this tracker created, oldest first
 
     def experiment(self, name: str) -> str:
         """Id of the experiment `name`, created if needed (artifacts next to a SQLite store)."""
@@ -146,8 +227,11 @@ class Tracker:
 
     def start_run(self, experiment_id: str, name: str, tags: Mapping[str, str],
                   parent_run_id: str | None = None) -> TrackedRun:
+        """Open a run named `name` with `tags`, nested under `parent_run_id` if given, and note
+        its id in `started_runs`. Raises `ServerUnavailableError` when the server does not answer."""
         tags = dict(tags) | ({PARENT_TAG: parent_run_id} if parent_run_id else {})
         run = self._client.create_run(experiment_id, run_name=name, tags=tags)
+        self.started_runs.append(run.info.run_id)
         return TrackedRun(self._client, run.info.run_id)
 
     def run(self, run_id: str) -> TrackedRun:

@@ -9,6 +9,7 @@ import torch
 from sinabs.hooks import register_synops_hooks
 from torch import nn
 
+from pipeline import synops
 from pipeline.config import ModelConfig
 from pipeline.layers import NeuromorphicReLU, SumPool2d
 from pipeline.model import build_model
@@ -110,14 +111,27 @@ def test_total_is_differentiable_and_resets_each_forward_pass() -> None:
     assert model[3].weight.grad is not None and model[3].weight.grad.abs().sum() > 0
 
 
-def test_fan_out_maps_are_computed_once_per_layer_and_shape() -> None:
+def test_fan_out_maps_are_computed_once_per_layer_geometry_and_shape(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    probed: list[tuple] = []
+    measure = synops.fan_out_map
+    monkeypatch.setattr(synops, "fan_out_map",
+                        lambda layer, shape: probed.append(shape) or measure(layer, shape))
+    monkeypatch.setattr(synops, "_FAN_OUT_MAPS", {})  # as in a fresh process
     model = build_model(ModelConfig(), (1, 28, 28), 10)
-    with SynOpsCounter(model) as counter:
+    with SynOpsCounter(model):
         for batch in (2, 5, 2):
             model(spikes(batch, 1, 28, 28))
-        assert len(counter._fan_out_cache) == 4
         model(spikes(2, 1, 32, 32)[:, :, :28, :28].contiguous())
-        assert len(counter._fan_out_cache) == 4
+    assert len(probed) == 4  # one per counted layer
+    other = build_model(ModelConfig(init_seed=7), (1, 28, 28), 10)
+    with SynOpsCounter(other):  # another counter, another network of the same geometry
+        other(spikes(3, 1, 28, 28))
+    assert len(probed) == 4
+    wider = build_model(ModelConfig(args={"channels": [8, 32, 120]}), (1, 28, 28), 10)
+    with SynOpsCounter(wider):
+        wider(spikes(3, 1, 28, 28))
+    assert len(probed) == 6  # its first two layers differ
 
 
 def test_hooks_are_removed_on_exit() -> None:

@@ -24,6 +24,10 @@ the time between `verify()` returning and the record being written: a holder tha
 there for longer than the server needs to drop its session (about a minute, for a vanished
 machine) may still record after another worker took over. Optuna writes through its own
 connections, so the record cannot be made conditional on the lock within one transaction.
+A server restart ends every session: each holder's `verify()` then raises `LeaseLostError` (the
+lock is free and another worker may take it at once), and whoever holds the lease next checks
+whether the work was recorded and does it if not; workers that were only waiting for a lease
+reconnect (waiting for the server, `pipeline.retry.ServerWait`) and wait on.
 
 A process forked while holding a lease (not one started by `subprocess`/spawn: those inherit no
 descriptor) shares its lock, which then lives until both have exited.
@@ -51,6 +55,7 @@ from optuna.storages import BaseStorage, RDBStorage
 from sqlalchemy.engine import URL
 
 from pipeline.errors import EXIT_BAD_INPUT, PipelineError
+from pipeline.retry import ServerWait, first_line
 
 POLL_SECONDS = 0.25  # between tries while another worker holds the lease
 LEASE_MARK = ":lease:"
@@ -145,7 +150,7 @@ def _key_digest(name: str) -> bytes:
 class _AdvisoryLease(Lease):
     """PostgreSQL's session-level advisory lock, on a connection (and engine) of its own."""
 
-    def __init__(self, name: str, url: URL) -> None:
+    def __init__(self, name: str, url: URL, timeout: float) -> None:
         super().__init__(name, url.render_as_string(hide_password=True))
         self._key = int.from_bytes(_key_digest(name), "big", signed=True)
         self._halves = {"high": (self._key >> 32) & 0xFFFFFFFF, "low": self._key & 0xFFFFFFFF}
@@ -153,6 +158,8 @@ class _AdvisoryLease(Lease):
         # AUTOCOMMIT: the session holds the lock, never an open transaction.
         self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                                 isolation_level="AUTOCOMMIT", connect_args=options)
+        # Connecting waits (up to the lease's timeout) for a server that restarts meanwhile.
+        ServerWait("the lease's database", self.where, timeout).attach(self._engine)
         self._connection: sqlalchemy.Connection | None = None
         self._ended: str | None = None  # why the session ended, once `verify` found out
 
@@ -161,7 +168,15 @@ class _AdvisoryLease(Lease):
             self._connection = self._engine.connect()
             for setting, value in (SERVER_SETTINGS | {"application_name": holder()}).items():
                 self._connection.execute(SET_IF_KNOWN, {"name": setting, "value": value})
-        return bool(self._connection.execute(TRY_LOCK, {"key": self._key}).scalar())
+        try:
+            return bool(self._connection.execute(TRY_LOCK, {"key": self._key}).scalar())
+        except sqlalchemy.exc.DBAPIError as err:
+            if not err.connection_invalidated:
+                raise
+            # The server ended this waiting session (a restart): nothing was held on it, so the
+            # next try waits on a new one.
+            self._close()
+            return False
 
     def verify(self) -> None:
         """Check that this worker still holds the lease: its session is alive and pg_locks shows
@@ -173,18 +188,23 @@ class _AdvisoryLease(Lease):
         try:
             held = self._connection.execute(STILL_HELD, self._halves).scalar()
         except sqlalchemy.exc.SQLAlchemyError as err:
-            cause = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-            self._ended = f"its session on {self.where} ended: {cause}"
+            self._ended = f"its session on {self.where} ended: {first_line(err)}"
             raise self._lost(self._ended) from err
         if not held:
             raise self._lost(f"{self.where} no longer shows its lock")
 
     def _held_by(self) -> str | None:
+        if self._connection is None:
+            return None
         return self._connection.execute(HELD_BY, self._halves).scalar()
 
-    def _release(self) -> None:
+    def _close(self) -> None:
         if self._connection is not None:
             self._connection.close()  # ending the session releases the lock
+            self._connection = None
+
+    def _release(self) -> None:
+        self._close()
         self._engine.dispose()
 
 
@@ -253,10 +273,10 @@ def _storage_url(storage: BaseStorage | str) -> URL:
                                     "password); a lease needs a SQLite file or PostgreSQL") from None
 
 
-def _lease_for(storage: BaseStorage | str, name: str) -> Lease:
+def _lease_for(storage: BaseStorage | str, name: str, timeout: float) -> Lease:
     url = _storage_url(storage)
     if url.get_backend_name() == "postgresql":
-        return _AdvisoryLease(name, url)
+        return _AdvisoryLease(name, url, timeout)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         return _FileLease(name, Path(url.database).resolve())
     raise LeaseUnsupportedError(f"no lease on the storage {url.render_as_string(hide_password=True)}: "
@@ -276,8 +296,10 @@ def lease(storage: BaseStorage | str, name: str, timeout: float,
 
     Raises `LeaseTimeoutError` after `timeout` seconds of waiting, KeyboardInterrupt when
     `should_stop()` turns true while waiting, `LeaseUnsupportedError` for a storage other than a
-    SQLite file or PostgreSQL, and the database's own errors when it cannot be reached."""
-    held = _lease_for(storage, name)
+    SQLite file or PostgreSQL, `ServerUnavailableError` when PostgreSQL refuses connections for
+    `timeout` seconds (a server that restarts meanwhile is waited for: a waiting worker holds
+    nothing, so it reconnects and waits on), and the database's other errors."""
+    held = _lease_for(storage, name, timeout)
     try:
         deadline = time.monotonic() + timeout
         told = False

@@ -32,9 +32,10 @@ from pipeline.front import (
 )
 from pipeline.inputs import StudyInputs
 from pipeline.interrupt import shielded
+from pipeline.retry import ServerUnavailableError
 from pipeline.run import run_tracked
 from pipeline.sweep.bases import BaseTraining, ensure_variant_base
-from pipeline.sweep.lease import holder
+from pipeline.sweep.lease import LeaseLostError, holder
 from pipeline.sweep.space import reference_config, suggest_config, suggest_variant
 from pipeline.sweep.storage import PreparedStudy
 from pipeline.tracking import TAG_ROLE, Tracker, TrackingError
@@ -46,6 +47,10 @@ from pipeline.variants import Variant
 # dominated". Later epochs of a penalised trial lower its SynOps, often by a third or more, and add
 # a few tenths of a point: both margins stay clear of that.
 PRUNE_MARGINS = (0.01, 2.0)
+
+# The role a base-model run is given when the worker that trained it lost the lease meanwhile and
+# the study recorded another one (it stays FINISHED; `synops.discarded_reason` says why).
+BASE_DISCARDED_ROLE = "base-discarded"
 
 # The SynOps objective of an infeasible trial (its network does not fit the chip; it is not
 # trained): Optuna keeps infeasible trials off the front whatever their values.
@@ -106,6 +111,8 @@ class TrialRunner:
         self.progress = progress
         self.should_stop = should_stop
         self.trial_number: int | None = None  # the trial this worker runs or ran last
+        self.values: tuple[float, float] | None = None  # what the objective returned for it
+        self.unavailable: ServerUnavailableError | None = None  # a server the last trial lost
 
     def _is_surplus(self, trial: optuna.Trial) -> bool:
         """True when the study already has `n_trials` finished or earlier running trials."""
@@ -148,7 +155,33 @@ class TrialRunner:
 
         return check
 
+    def _base(self, variant: Variant) -> BaseRecord:
+        """The base model of `variant`, trained first if needed. A worker that lost the lease
+        while training it (a database restart ended its session) asks once more: whoever holds
+        the lease now recorded it, or will, or this worker does, reusing the run it finished.
+        A run it trained that the study did not record is re-tagged `base-discarded`, so each
+        variant keeps one base-model run."""
+        started = len(self.tracker.started_runs)
+        try:
+            return self.bases.base(variant)
+        except LeaseLostError as lost:
+            record = self.bases.base(variant)
+            for run_id in self.tracker.started_runs[started:]:
+                if run_id != record.run_id:
+                    self.tracker.set_tag(run_id, TAG_ROLE, BASE_DISCARDED_ROLE)
+                    self.tracker.set_tag(run_id, "synops.discarded_reason",
+                                         f"{lost}; the study's base model is run {record.run_id}"[:5000])
+            return record
+
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        """Run `trial`: fine-tune its variant's base model (the reference trial: the tutorial's
+        recipe from scratch) as a child run, and return its validation accuracy and SynOps.
+
+        A trial whose network does not fit the chip returns (0, inf) untrained; one already in
+        excess of `n_trials`, or dominated by far after an epoch, is pruned. Whatever it raises
+        is recorded (`fail_reason`) and re-raised, so Optuna fails the trial; a
+        `ServerUnavailableError` is also kept in `unavailable`, for the worker to stop on."""
+        self.values, self.unavailable = None, None
         if self._is_surplus(trial):
             trial.set_user_attr(ATTR_SURPLUS, True)
             raise optuna.TrialPruned("the study already has n_trials trials")
@@ -166,6 +199,7 @@ class TrialRunner:
             if reference:
                 config, init_state = reference_config(self.config, variant), None
             else:  # its variant's base model may be trained first, here or by another worker
+                self._base(variant)
                 config, variant = suggest_config(trial, bounds, self.config, self.bases.target_range,
                                                  variant)
                 init_state = self.bases.state(variant)
@@ -187,10 +221,13 @@ class TrialRunner:
         except TrainingCut as cut:
             raise optuna.TrialPruned(str(cut)) from cut
         except BaseException as err:
+            if isinstance(err, ServerUnavailableError):
+                self.unavailable = err
             with shielded():
                 trial.set_user_attr(ATTR_FAILURE, f"{type(err).__name__}: {err}"[:2000])
             raise
         trial.set_user_attr(ATTR_VAL, result.val.to_record())
         trial.set_user_attr(ATTR_TEST, result.test.to_record())
         trial.set_user_attr(ATTR_SECONDS, result.seconds)
-        return result.val.accuracy, result.val.synops_mean
+        self.values = (result.val.accuracy, result.val.synops_mean)
+        return self.values

@@ -9,6 +9,7 @@ makes the preparation happen once however many workers start together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from pipeline.front import (
     StudyRecord,
 )
 from pipeline.inputs import StudyInputs, fingerprint_changes
+from pipeline.retry import ServerUnavailableError, ServerWait, connection_lost, first_line
 from pipeline.secrets import redact_url
 from pipeline.sweep.bases import BaseTraining
 from pipeline.sweep.lease import Lease, lease, lease_name
@@ -81,6 +83,58 @@ def engine_options(url: str) -> dict[str, Any]:
 
 
 STORAGE_ATTEMPTS = 5
+STORAGE_NAME = "the Optuna storage"  # how messages name the database server of a study
+
+# RDBStorage's operations that are harmless to run twice (reads; attributes, parameters and
+# heartbeats written again with the same value), named as Optuna's `_CachedStorage`, which wraps
+# every RDB storage a study uses, calls them (private ones included).
+REPEATABLE = (
+    "get_all_studies", "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "set_study_user_attr", "set_study_system_attr",
+    "get_trial", "get_trial_id_from_study_id_trial_number", "_get_trials", "_get_best_trial_id",
+    "_set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+    "record_heartbeat",
+)
+
+
+def _once_more_if_cut(operation: Callable[..., Any]) -> Callable[..., Any]:
+    """`operation`, run once more when a lost connection cut it short."""
+    @functools.wraps(operation)
+    def repeated(self: optuna.storages.RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return operation(self, *args, **kwargs)
+        except Exception as err:
+            if not connection_lost(err):
+                raise
+            return operation(self, *args, **kwargs)
+
+    return repeated
+
+
+class ReconnectingStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage that rides out a restart of its database server.
+
+    Operations cut short by a lost connection (the restart ended the session under them) run
+    once more, on a new connection, where running them twice is harmless (`REPEATABLE`): a
+    heartbeat or a trial's attribute is then written as if nothing happened. Creating a study or
+    a trial and changing a trial's state are not repeated (a repeat could create a second trial,
+    or find its trial already finished): their error reaches the caller (`run_worker` reads the
+    trial back). New connections wait for a server that is still down (`server_wait`, set by
+    `open_storage`). For `grace_period` after the server came back, no trial is taken for dead:
+    the heartbeats of live workers, held up by the same outage, are not all in yet."""
+
+    server_wait: ServerWait | None = None
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        if self.server_wait is not None and self.server_wait.back_within(grace):
+            return []
+        return _stale_trial_ids(self, study_id)
+
+
+_stale_trial_ids = _once_more_if_cut(optuna.storages.RDBStorage._get_stale_trial_ids)
+for _name in REPEATABLE:
+    setattr(ReconnectingStorage, _name, _once_more_if_cut(getattr(optuna.storages.RDBStorage, _name)))
 
 
 def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStorage:
@@ -88,13 +142,18 @@ def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStora
 
     Workers started together on a new PostgreSQL database all create Optuna's tables at once,
     and all but one can fail on the database's catalogue (a unique violation); creating tables
-    that exist is a no-op, so that, and a server not yet accepting connections, is retried."""
+    that exist is a no-op, so that, and a server not yet accepting connections, is retried
+    (`STORAGE_ATTEMPTS` times). Once open, a PostgreSQL storage rides out a server restart
+    (`ReconnectingStorage`): new connections wait for the server for up to `study.wait_timeout`
+    seconds (`ServerWait`), after which its operations raise `ServerUnavailableError`, and no
+    trial is taken for dead while heartbeats resume. Raises `ServerUnavailableError` when the
+    storage cannot be opened, naming it with its password redacted."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    attempt = 1
+    attempt, started = 1, time.monotonic()
     while True:
         try:
-            return optuna.storages.RDBStorage(
+            storage = ReconnectingStorage(
                 url,
                 engine_kwargs=engine_options(url),
                 heartbeat_interval=config.study.heartbeat_interval,
@@ -102,11 +161,18 @@ def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStora
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=2),
             )
-        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+            break
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
             if attempt == STORAGE_ATTEMPTS:
-                raise
+                raise ServerUnavailableError(
+                    f"cannot open {STORAGE_NAME} at {redact_url(url)} (tried {attempt} times in "
+                    f"{time.monotonic() - started:.0f} s): {first_line(err.__cause__ or err)}") from err
             time.sleep(attempt)
             attempt += 1
+    if not url.startswith("sqlite"):
+        storage.server_wait = ServerWait(STORAGE_NAME, url, config.study.wait_timeout)
+        storage.server_wait.attach(storage.engine)
+    return storage
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:

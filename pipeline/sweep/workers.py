@@ -49,11 +49,12 @@ from pipeline.front import (
 from pipeline.inputs import load_inputs
 from pipeline.interrupt import raise_if_stop_requested, shielded, stop_on_signals, stop_requested
 from pipeline.memory import keep_freed_memory
+from pipeline.retry import connection_lost, first_line
 from pipeline.sweep.bases import BaseTraining
 from pipeline.sweep.confirm import confirm_front
 from pipeline.sweep.deployment import deploy_front
-from pipeline.sweep.lease import LeaseLostError, LeaseTimeoutError, lease, lease_name
-from pipeline.sweep.objective import BaseModelUnavailableError, TrialRunner, VariantBases
+from pipeline.sweep.lease import lease, lease_name
+from pipeline.sweep.objective import TrialRunner, VariantBases
 from pipeline.sweep.space import make_sampler, plan_study, sampler_seed
 from pipeline.sweep.storage import PreparedStudy, close_orphaned_runs, open_storage, prepare_study
 from pipeline.tracking import PublishError, Tracker
@@ -192,8 +193,14 @@ def run_worker(config: ExperimentConfig, prepared: PreparedStudy, bases: Variant
     """Run trials until the study has `n_trials` finished ones. Safe to run in several processes
     (or on several machines sharing one RDB storage and one MLflow server): each seeds its
     sampler with a worker number of its own. Base models of further variants are trained when a
-    trial first needs one (`bases`). Stops with `TooManyFailuresError` after
-    `study.max_consecutive_failures` of its trials failed in a row.
+    trial first needs one (`bases`).
+
+    A server that restarts is waited for (the storage and the tracker wait, bounded); when the
+    database connection is cut under a trial's start or end, the trial is read back and recorded
+    as its objective ended, never left RUNNING. Raises `TooManyFailuresError`
+    after `study.max_consecutive_failures` of its trials failed in a row, and
+    `ServerUnavailableError` when a server did not come back in time (the trial it cut short is
+    failed with that reason when the database can still record it).
     """
     study, tracker = prepared.study, bases.training.tracker
     study.sampler = make_sampler(config, prepared.record.bounds,
@@ -223,6 +230,24 @@ def run_worker(config: ExperimentConfig, prepared: PreparedStudy, bases: Variant
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         return config.study.n_trials - finished() - len(running)
 
+    def settle_cut_trial(err: Exception) -> None:
+        """The database connection was cut under a step that is not repeated (a trial's creation
+        or its final state: a server restart ended the session). The trial this worker ran last,
+        if the storage still shows it RUNNING, ended here: recorded COMPLETE with the values its
+        objective returned (finished work is kept), else FAIL, and reported as any finished
+        trial. Reading it back waits for the server (`ServerUnavailableError` if it does not
+        return)."""
+        number = runner.trial_number
+        trial = study.trials[number] if number is not None else None
+        echo(f"the connection to the study's database was cut ({first_line(err)}); reconnected")
+        if trial is None or trial.state != TrialState.RUNNING:
+            return  # recorded before the cut, or taken for dead by another worker
+        if runner.values is not None:
+            study.tell(number, runner.values, skip_if_finished=True)
+        else:
+            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        after_trial(study, study.trials[number])
+
     grid = study.sampler if isinstance(study.sampler, optuna.samplers.GridSampler) else None
     while finished() < config.study.n_trials and not (grid and grid.is_exhausted(study)):
         raise_if_stop_requested()
@@ -232,21 +257,29 @@ def run_worker(config: ExperimentConfig, prepared: PreparedStudy, bases: Variant
                 f"{len(failed_in_a_row)} trials failed in a row (study.max_consecutive_failures), "
                 f"the last, trial {last.number}: {last.user_attrs.get(ATTR_FAILURE, 'no reason')}. "
                 "Finished trials are kept; fix the cause and re-run to continue")
-        if open_slots() > 0:
-            try:
-                study.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[after_trial])
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-                # Optuna refuses the result of a trial that is already finished ("Cannot tell a
-                # FAIL trial"): another worker took it for dead (its heartbeat came too late)
-                # and failed it, and queued a retry. This worker goes on with the study.
-                if not _finished_meanwhile(study, runner.trial_number):
-                    raise
-                _superseded(study, runner.trial_number, tracker, echo)
-            continue
-        # Every open slot is taken by a running trial: wait, in case its worker died and the
-        # heartbeat turns it into a retry this worker should run.
-        time.sleep(config.study.heartbeat_interval)
-        optuna.storages.fail_stale_trials(study)
+        try:
+            if open_slots() > 0:
+                try:
+                    study.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+                except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+                    # Optuna refuses the result of a trial that is already finished ("Cannot tell
+                    # a FAIL trial"): another worker took it for dead (its heartbeat came too
+                    # late) and failed it, and queued a retry. This worker goes on with the study.
+                    if not _finished_meanwhile(study, runner.trial_number):
+                        raise
+                    _superseded(study, runner.trial_number, tracker, echo)
+                if runner.unavailable is not None:  # its trial failed with the reason
+                    raise runner.unavailable
+                continue
+            # Every open slot is taken by a running trial: wait, in case its worker died and the
+            # heartbeat turns it into a retry this worker should run.
+            time.sleep(config.study.heartbeat_interval)
+            optuna.storages.fail_stale_trials(study)
+        except Exception as err:
+            if not connection_lost(err):
+                raise
+            settle_cut_trial(err)
+
 
 
 def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: str,
@@ -265,7 +298,7 @@ def _worker_process(config: ExperimentConfig, storage_url: str, tracking_uri: st
             bases = VariantBases(config, prepared, load_inputs(config),
                                  worker_training(config, prepared, tracker, False, echo))
             run_worker(config, prepared, bases, echo=echo)
-        except (TooManyFailuresError, BaseModelUnavailableError, LeaseTimeoutError, LeaseLostError) as err:
+        except PipelineError as err:  # too many failures, a lease, a server that did not come back
             print(f"worker {worker}: {err}", file=sys.stderr)
             sys.exit(3)
 
