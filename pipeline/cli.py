@@ -405,7 +405,8 @@ def snn(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None
         max_samples: int | None, quiet: bool) -> None:
     """Simulate study members as spiking networks (settings in [snn]) and log what the ANN's
     SynOps estimate and predictions become; the report shows it."""
-    from pipeline.snn_check import check_members, chosen_members, describe
+    from pipeline.members import chosen_members
+    from pipeline.snn_check import check_members, describe
 
     if sum([trial_number is not None, knee, whole_front]) != 1:
         raise click.UsageError("give exactly one of --trial N, --knee or --front")
@@ -446,7 +447,7 @@ def deploy(run_id: str | None, chip: str, config_path: str | None, assignments: 
     from pipeline.config import SNNConfig
     from pipeline.deploy_check import deploy_members, deploy_run
     from pipeline.front import StudyRecord
-    from pipeline.snn_check import chosen_members, members_test_data
+    from pipeline.members import chosen_members, members_test_data
     from pipeline.sweep.storage import load_study, resolve_storage
     from pipeline.tracking import Tracker, resolve_tracking_uri
 

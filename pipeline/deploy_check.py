@@ -15,6 +15,7 @@ from pipeline.data import Split, load_dataset
 from pipeline.deploy import deploy
 from pipeline.evaluate import Deployment
 from pipeline.front import DEPLOY_ATTR_PREFIX, StudyRecord, TrialRecord
+from pipeline.members import member_network
 from pipeline.model import build_model
 from pipeline.tracking import Tracker
 
@@ -41,7 +42,7 @@ def deploy_members(study: optuna.Study, members: list[TrialRecord], chip: str, t
     record = StudyRecord.load(study)
     results = []
     for member in members:
-        model = member.network(record.config)
+        model = member_network(record.config, member)
         model.load_state_dict(tracker.load_checkpoint(member.run_id))
         deployment = deploy(model, member.input_shape, tests[member.number], chip, spiking)
         log_deployment(tracker, member.run_id, deployment)

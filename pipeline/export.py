@@ -15,13 +15,8 @@ import torch
 from pipeline.config import SNNConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluate import energy_per_sample
-from pipeline.front import (
-    NoSuchTrialError,
-    StudyRecord,
-    TrialRecord,
-    choose,
-    finished_trials,
-)
+from pipeline.front import StudyRecord, TrialRecord
+from pipeline.members import chosen_member, member_network
 from pipeline.owned import check_replaceable, replacing
 from pipeline.tracking import Tracker
 
@@ -42,24 +37,6 @@ def input_encoding(record: TrialRecord) -> str:
             "pipeline.data.encode_pixels")
 
 
-def _chosen(study: optuna.Study, trial_number: int | None) -> tuple[TrialRecord, bool, str]:
-    """The trial to export, whether it is on the front, and why it was chosen."""
-    records = {r.number: r for r in finished_trials(study)}
-    if not records:
-        raise NoSuchTrialError(f"study '{study.study_name}' has no finished trial to export")
-    front = {t.number for t in study.best_trials}
-    if trial_number is None:
-        choice = choose(study)
-        trial_number = int(choice.knee_member["trial"])
-        reason = f"the front's knee ({choice.knee.rule} rule, on the validation seed means)"
-    else:
-        reason = "asked for by number"
-    if trial_number not in records:
-        finished = ", ".join(str(n) for n in sorted(records))
-        raise NoSuchTrialError(f"trial {trial_number} is not a finished trial (finished: {finished})")
-    return records[trial_number], trial_number in front, reason
-
-
 def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number: int | None = None,
                  nir_settings: SNNConfig | None = None) -> Path:
     """Write `model.pt` (a state dict), its `config.toml` and `card.json` for trial `trial_number`,
@@ -70,10 +47,11 @@ def export_trial(study: optuna.Study, out: Path, tracker: Tracker, trial_number:
     (exit 2) when `out` holds files no export wrote; `pipeline.owned.OutputWriteError` when the
     files cannot be written (an earlier export there is kept)."""
     check_replaceable(out, MARKER, "export")
-    record, on_front, reason = _chosen(study, trial_number)
+    record, reason = chosen_member(study, trial_number)
+    on_front = record.number in {t.number for t in study.best_trials}
     study_record = StudyRecord.load(study)
     state = tracker.load_checkpoint(record.run_id)
-    model = record.network(study_record.config)
+    model = member_network(study_record.config, record)
     model.load_state_dict(state)
     nir_graph = None
     if nir_settings is not None:

@@ -16,7 +16,6 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from scipy import stats
-from torch import nn
 
 from pipeline.config import TUTORIAL_RECIPE, ExperimentConfig, config_from_dict
 from pipeline.errors import PipelineError
@@ -28,7 +27,6 @@ from pipeline.evaluate import (
     energy_per_sample,
     spiking_result_from_record,
 )
-from pipeline.model import build_model
 from pipeline.variants import DATA_PREFIX, MODEL_PREFIX, Variant
 
 # The objectives, in Optuna's order: validation accuracy up, mean validation SynOps per sample down.
@@ -191,10 +189,6 @@ class TrialRecord:
     def spikes_per_pixel(self) -> int | None:
         """Its input encoding (None: spike-count data, used as they are)."""
         return self.variant.spikes_per_pixel
-
-    def network(self, config: ExperimentConfig) -> nn.Module:
-        """A fresh network of its variant (of the study's `config`), to load its checkpoint into."""
-        return build_model(self.variant.apply(config).model, self.input_shape, self.num_classes)
 
     @classmethod
     def from_trial(cls, trial: FrozenTrial) -> TrialRecord:

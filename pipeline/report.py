@@ -45,6 +45,7 @@ from pipeline.front import (
     trials_frame,
     variant_order,
 )
+from pipeline.members import member_network
 from pipeline.model import describe_model, parameter_count
 from pipeline.owned import check_replaceable, replacing
 from pipeline.tracking import Tracker
@@ -260,7 +261,7 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
     front, knee, member = choice.members, choice.knee, choice.knee_member
     chosen = next(r for r in finished_trials(study) if r.number == int(member["trial"]))
     designed = chosen.variant.apply(config)
-    weights = parameter_count(chosen.network(config))
+    weights = parameter_count(member_network(config, chosen))
     # Its variant's base model, and the first variant's (the largest encoding: the tutorial's, in
     # the default study), where trained; the reference trial's variant may have none.
     first = record.bases.get(record.bounds.variants[0].key)
@@ -431,7 +432,7 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
     reference_point = hypervolume_reference(record)
     records = {r.number: r for r in finished_trials(study)}
     members = [records[int(n)] for n in front["trial"]]
-    knee_modules = dict(records[int(member["trial"])].network(record.config).named_modules())
+    knee_modules = dict(member_network(record.config, records[int(member["trial"])]).named_modules())
     layers = {name: f"{name}: {type(knee_modules[name]).__name__}" if name in knee_modules else name
               for name in dict.fromkeys(n for r in members for n in r.test.synops_per_layer)}
     note = "written by `synops report`; the folder is replaced whole by the next report\n"

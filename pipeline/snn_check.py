@@ -4,38 +4,15 @@ cannot be simulated gets its reason recorded instead (which layer, why)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import optuna
 
 from pipeline.config import SNNConfig
-from pipeline.data import Split, load_pixels
 from pipeline.errors import ConfigError
 from pipeline.evaluate import SpikingEvaluation, SpikingFailure
-from pipeline.front import (
-    NoSuchTrialError,
-    StudyRecord,
-    TrialRecord,
-    choose,
-    finished_trials,
-    snn_attr,
-)
+from pipeline.front import StudyRecord, TrialRecord, snn_attr
+from pipeline.members import member_network, members_test_data
 from pipeline.snn import check_spiking
 from pipeline.tracking import Tracker
-
-
-def chosen_members(study: optuna.Study, trial: int | None, knee: bool) -> list[TrialRecord]:
-    """The finished trial `trial`, the knee (`knee`), or else every front member."""
-    records = {r.number: r for r in finished_trials(study)}
-    choice = choose(study)
-    if knee:
-        trial = int(choice.knee_member["trial"])
-    if trial is not None:
-        if trial not in records:
-            raise NoSuchTrialError(f"trial {trial} is not a finished trial "
-                                    f"(finished: {', '.join(map(str, sorted(records)))})")
-        return [records[trial]]
-    return [records[int(n)] for n in choice.members["trial"]]
 
 
 def require_enough_steps(settings: SNNConfig, spikes: dict[int, int]) -> None:
@@ -51,23 +28,6 @@ def require_enough_steps(settings: SNNConfig, spikes: dict[int, int]) -> None:
                           f"got {settings.steps}")
 
 
-def members_test_data(record: StudyRecord, members: list[TrialRecord], root: str,
-                      verify_checksums: bool) -> dict[int, Split]:
-    """Each member's test split in its own variant (data arguments and encoding), read from
-    `root`; the data of one set of source arguments is loaded once."""
-    loaded = {}
-    tests = {}
-    for member in members:
-        data = member.variant.apply(record.config).data
-        data = dataclasses.replace(data, root=root, verify_checksums=verify_checksums)
-        if member.variant.data_key not in loaded:
-            loaded[member.variant.data_key] = load_pixels(data)
-        raw = loaded[member.variant.data_key]
-        tests[member.number] = (raw if member.spikes_per_pixel is None
-                                else raw.encoded(member.spikes_per_pixel)).test
-    return tests
-
-
 def check_members(study: optuna.Study, members: list[TrialRecord], settings: SNNConfig, root: str,
                   verify_checksums: bool, tracker: Tracker, progress: bool = True
                   ) -> list[SpikingEvaluation | SpikingFailure]:
@@ -80,7 +40,7 @@ def check_members(study: optuna.Study, members: list[TrialRecord], settings: SNN
     require_enough_steps(settings, {n: int(test.images.max()) for n, test in tests.items()})
     results: list[SpikingEvaluation | SpikingFailure] = []
     for member in members:
-        model = member.network(record.config)
+        model = member_network(record.config, member)
         model.load_state_dict(tracker.load_checkpoint(member.run_id))
         result = check_spiking(model, tests[member.number], settings, f"trial {member.number}", progress)
         run = tracker.run(member.run_id)

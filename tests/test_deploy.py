@@ -15,6 +15,7 @@ from pipeline.chip_profiles import SPECK
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.front import StudyRecord, choose, deployments, finished_trials, infeasible_trials
+from pipeline.members import member_network
 from pipeline.quantize import quantize_for_chip
 from pipeline.tracking import Tracker
 from tests.conftest import EXPERIMENTS, prepare, smoke_overrides
@@ -71,7 +72,7 @@ def test_a_constrained_study_never_trains_what_does_not_fit_and_checks_its_front
     knee = next(r for r in finished_trials(study) if r.number == int(choose(study).knee_member["trial"]))
     assert knee.test.accuracy > 0.8  # a trained network
     assert abs(checked[knee.number].quantized.accuracy - knee.test.accuracy) <= 0.005
-    model = knee.network(record.config)
+    model = member_network(record.config, knee)
     model.load_state_dict(Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}").load_checkpoint(knee.run_id))
     quantized = quantize_for_chip(model, SPECK)
     assert all(layer.levels_used == SPECK.weight_max or layer.weights_over_threshold

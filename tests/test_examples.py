@@ -17,6 +17,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data import load_dataset
 from pipeline.front import StudyRecord, choose, finished_trials
+from pipeline.members import member_network
 from pipeline.tracking import Tracker
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -83,7 +84,7 @@ def test_a_residual_net_from_a_file_runs_a_study_and_its_synops_match_a_hand_cou
     assert len(trials) == 2 and len(record.bases) >= 1  # a base per width the trials tried
     assert "Checked as a spiking network" in report and "trial" in report
     knee = next(t for t in trials if t.number == int(choose(study).knee_member["trial"]))
-    model = knee.network(record.config)
+    model = member_network(record.config, knee)
     model.load_state_dict(tracker.load_checkpoint(knee.run_id))
     assert any(type(m).__name__ == "ResidualBlock" for m in model.modules())
     test = load_dataset(knee.variant.apply(load_config(config, dict(
