@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from optuna.trial import TrialState
 from torch import nn
 
 from pipeline.config import ExperimentConfig, TrainConfig
@@ -131,14 +132,13 @@ def first_point_seconds(study_config: ExperimentConfig) -> float:
     from pipeline.sweep.workers import run_sweep
 
     quick = dataclasses.replace(study_config, study=dataclasses.replace(
-        study_config.study, n_trials=1, confirm_seeds=0,
+        study_config.study, n_trials=1, confirm_seeds=0, reference_trial=False,
         constraints=dataclasses.replace(study_config.study.constraints, chip="")))
     with tempfile.TemporaryDirectory() as tmp:
         started = datetime.datetime.now()
         study = run_sweep(quick, f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db",
                           progress=False, echo=lambda line: None)
-        done = min(t.datetime_complete for t in study.trials if t.datetime_complete
-                   and not t.user_attrs.get("reference"))
+        (done,) = [t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))]
         return (done - started).total_seconds()
 
 

@@ -435,15 +435,18 @@ def snn(config_path: str, assignments: tuple[str, ...], tracking_uri: str | None
 @tracking_option
 @storage_option
 @member_options
-@click.option("--data-root", default=None, help="Where a run's data lives, if not where it was trained.")
+@click.option("--data-root", default=None,
+              help="With a RUN_ID: where its data lives, if not where it was trained.")
 @_fail_cleanly
 def deploy(run_id: str | None, chip: str, config_path: str | None, assignments: tuple[str, ...],
            tracking_uri: str | None, storage: str | None, trial_number: int | None, knee: bool,
            whole_front: bool, max_samples: int | None, data_root: str | None) -> None:
     """Will it run on the chip? Per layer, the core it takes and its memory use, or why it cannot;
     then the network on the chip's 8-bit weights and integer thresholds, evaluated on the test set
-    (as an ANN and as an integrate-and-fire network) beside the float numbers, logged to its run.
-    Give a RUN_ID (any tracked run), or --config with --trial N, --knee or --front."""
+    (as an ANN and as an integrate-and-fire network, `[snn]` settings) beside the float numbers,
+    logged to its run. Give --config with --trial N, --knee or --front (a study's members), or a
+    RUN_ID (any tracked run; add --config when its network or data come from a `.py` next to that
+    config, which makes the file importable and gives the `[snn]` settings)."""
     from pipeline.config import SNNConfig
     from pipeline.deploy_check import deploy_members, deploy_run
     from pipeline.front import StudyRecord
@@ -452,17 +455,22 @@ def deploy(run_id: str | None, chip: str, config_path: str | None, assignments: 
     from pipeline.tracking import Tracker, resolve_tracking_uri
 
     chosen = sum([trial_number is not None, knee, whole_front])
-    if (run_id is None) == (config_path is None) or (config_path is not None) != (chosen == 1):
-        raise click.UsageError("give a RUN_ID, or --config with exactly one of --trial N, --knee or --front")
+    if run_id is not None and (chosen or storage):
+        raise click.UsageError("a RUN_ID names the network: --trial, --knee, --front and --storage are "
+                               "for a study's members")
+    if run_id is None and (config_path is None or chosen != 1 or data_root):
+        raise click.UsageError("give a RUN_ID, or --config with exactly one of --trial N, --knee or "
+                               "--front (its data root is data.root: --set data.root=...)")
     if max_samples is not None:
         assignments += (f"snn.max_samples={max_samples}",)
+    config = _resolve_config(config_path, assignments, {}) if config_path else None
     tracker = Tracker(resolve_tracking_uri(tracking_uri))
     if run_id is not None:
-        spiking = SNNConfig(**({"max_samples": max_samples} if max_samples is not None else {}))
+        spiking = config.snn if config else SNNConfig(**(
+            {"max_samples": max_samples} if max_samples is not None else {}))
         for line in deploy_run(run_id, tracker, chip, spiking, data_root).lines():
             click.echo(line)
         return
-    config = _resolve_config(config_path, assignments, {})
     study = load_study(config.name, resolve_storage(storage))
     members = chosen_members(study, trial_number, knee)
     tests = members_test_data(StudyRecord.load(study), members, config.data.root,

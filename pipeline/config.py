@@ -221,8 +221,8 @@ class ConstraintsConfig:
     """What every trial's network must satisfy. `chip`: the name of a chip profile
     (`pipeline.chip_profiles.CHIPS`; "" = none): a trial whose network cannot be mapped onto the
     chip's cores is recorded as infeasible (Optuna's constraints, so samplers learn from it) and
-    never trained or on the front; every other trial is quantised to the chip's integers and
-    evaluated so."""
+    never trained or on the front; once the study has its trials, each front member is checked on
+    the chip's integers (`synops deploy`)."""
 
     chip: str = ""
 
@@ -262,7 +262,8 @@ class StudyConfig:
         _require(self.grid_points > 1, "study.grid_points", "must be > 1")
         _require(self.heartbeat_interval > 0, "study.heartbeat_interval", "must be > 0 seconds")
         _require(self.wait_timeout > 0, "study.wait_timeout",
-                 "must be > 0 seconds (how long a worker waits for another's preparation or base model)")
+                 "must be > 0 seconds (how long a worker waits for another holding a lease: the "
+                 "preparation, a base model, the confirmations, the deployment check)")
         _require(
             self.grace_period > self.heartbeat_interval,
             "study.grace_period",

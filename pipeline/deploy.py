@@ -20,7 +20,7 @@ from pipeline.chip import chip_fit
 from pipeline.chip_profiles import CHIPS
 from pipeline.config import SNNConfig
 from pipeline.data import Split
-from pipeline.evaluate import Deployment, evaluate
+from pipeline.evaluate import Deployment, SpikingEvaluation, SpikingFailure, evaluate
 from pipeline.quantize import (
     chip_footprint_bytes,
     float_footprint_bytes,
@@ -28,18 +28,23 @@ from pipeline.quantize import (
     neurobench_metrics,
     quantize_for_chip,
 )
-from pipeline.snn import simulate
+from pipeline.snn import check_spiking, require_enough_steps
 
 
 def deploy(model: nn.Module, input_shape: tuple[int, int, int], test: Split, chip: str,
-           spiking: SNNConfig | None = None) -> Deployment:
+           spiking: SNNConfig | None = None, progress: bool = False) -> Deployment:
     """Check the trained `model` for `chip`: its mapping, and its quantised copy evaluated on
     `test` (as an ANN, and with `spiking` settings also as an integrate-and-fire network on the
-    first `spiking.max_samples` samples). Chip incompatibilities are data in the record; nothing
-    is raised for them."""
+    first `spiking.max_samples` samples, or why it cannot run as one). Chip incompatibilities are
+    data in the record; nothing is raised for them. Raises `ConfigError` for `spiking` settings
+    that need more steps than a pixel of `test` carries spikes."""
+    if spiking is not None:
+        require_enough_steps(spiking, {0: int(test.images.max())})
     mapping = chip_fit(model, input_shape, chip)
     quantized = quantize_for_chip(model, CHIPS[chip])
     metrics = neurobench_metrics(quantized.model, test)
+    simulated = (check_spiking(quantized.model, test, spiking, f"{chip}, 8-bit", progress)
+                 if spiking is not None else None)
     return Deployment(
         chip=chip, fits=mapping.fits, cores_used=mapping.cores_used, core_count=mapping.core_count,
         summary=mapping.summary(),
@@ -53,5 +58,7 @@ def deploy(model: nn.Module, input_shape: tuple[int, int, int], test: Split, chi
         chip_footprint_bytes=chip_footprint_bytes(quantized),
         float_footprint_bytes=float_footprint_bytes(model),
         membrane_overflows=sum(m.overflows for m in membrane_ranges(quantized, test)),
-        spiking=simulate(quantized.model, test, spiking) if spiking is not None else None,
+        membrane_bits=CHIPS[chip].membrane_bits,
+        spiking=simulated if isinstance(simulated, SpikingEvaluation) else None,
+        spiking_failure=simulated.reason if isinstance(simulated, SpikingFailure) else None,
     )

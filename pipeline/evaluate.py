@@ -159,7 +159,9 @@ class Deployment:
     chip_footprint_bytes: int
     float_footprint_bytes: int
     membrane_overflows: int
+    membrane_bits: int
     spiking: SpikingEvaluation | None = None
+    spiking_failure: str | None = None  # why it could not run as a spiking network (a layer)
 
     def to_record(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
@@ -210,7 +212,9 @@ class Deployment:
                      f"as float); NeuroBench: {self.effective_macs:.4g} effective MACs, "
                      f"{self.effective_acs:.4g} effective ACs per sample, activation sparsity "
                      f"{self.activation_sparsity:.3f}; membrane values beyond "
-                     f"16 bits: {self.membrane_overflows}")
+                     f"{self.membrane_bits} bits: {self.membrane_overflows}")
+        if self.spiking_failure:
+            lines.append(f"  not simulated as a spiking network: {self.spiking_failure}")
         return lines
 
 

@@ -46,7 +46,7 @@ def _confirmed(members: pd.DataFrame | None) -> pd.DataFrame:
     return members[members["seeds"] > 1]
 
 
-def pareto_png(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, BaseRecord],
+def pareto_png(frame: pd.DataFrame, title: str, path: Path, bases: dict[str, BaseRecord],
                knee: pd.Series | None = None, members: pd.DataFrame | None = None) -> None:
     """Test accuracy vs mean test SynOps of every finished trial (a `trials_frame`): the overall
     front (chosen on validation) as a broad band, each variant's own front, base model and
@@ -108,7 +108,7 @@ def _hover(rows: pd.DataFrame) -> list[str]:
     return texts
 
 
-def pareto_html(frame: pd.DataFrame, title: str, path: Path, bases: dict[int, BaseRecord],
+def pareto_html(frame: pd.DataFrame, title: str, path: Path, bases: dict[str, BaseRecord],
                 knee: pd.Series, members: pd.DataFrame | None = None) -> None:
     """The Pareto plot as interactive plotly HTML, drawn as `pareto_png`; plotly.js is written
     next to it (no CDN). The finished trials come first, one marker each (dominated within their

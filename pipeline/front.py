@@ -83,14 +83,14 @@ class StudyFormatError(PipelineError, RuntimeError):
 @dataclass(frozen=True)
 class SearchBounds:
     """The search space, fixed when the study is created. `target_synops` is as configured (0 =
-    measured); each encoding's resolved range is stored with its base model."""
+    measured); each variant's resolved range is stored with its base model."""
 
     penalty_strength: tuple[float, float]
     target_synops: tuple[float, float]
     penalties: tuple[str, ...]
     epochs: tuple[int, int] | None
     lr: tuple[float, float] | None
-    variants: tuple[Variant, ...]  # in the study's order; the first one's base is trained first
+    variants: tuple[Variant, ...]  # in the study's order: encodings largest first, args as listed
 
     def to_record(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)

@@ -16,10 +16,10 @@ from typing import Any
 from torch import nn
 
 from pipeline.chip import ChipMapping, chip_fit
-from pipeline.config import ExperimentConfig
+from pipeline.config import MAX_PIXEL_COUNT, ExperimentConfig
 from pipeline.data import Dataset, encode_pixels, load_pixels
-from pipeline.model import CHECK_SAMPLES, build_model, check_network, model_fingerprint
-from pipeline.variants import Variant, default_variant, study_variants
+from pipeline.model import CHECK_SAMPLES, base_fingerprints, build_model, check_network, model_fingerprint
+from pipeline.variants import Variant, study_variants
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: it caches per instance
@@ -30,18 +30,18 @@ class StudyInputs:
     config: ExperimentConfig
     kind: str
     variants: list[Variant]
-    raw: Mapping[str, Dataset]  # by `Variant.data_key`
+    raw: Mapping[str, Dataset]  # by `Variant.data_key(config)`
     fingerprints: Mapping[str, Any]
 
     @property
     def reference_variant(self) -> Variant:
         """The tutorial's design on this data: the config's own network and source arguments at
         the tutorial's encoding (a pixel value 0..255 is that many spikes)."""
-        return Variant(None if self.kind == "counts" else 255)
+        return Variant(None if self.kind == "counts" else MAX_PIXEL_COUNT)
 
     def dataset(self, variant: Variant) -> Dataset:
         """The variant's data, encoded (made once per variant), on the config's device."""
-        return self._encoded(variant.data_key, variant.spikes_per_pixel)
+        return self._encoded(variant.data_key(self.config), variant.spikes_per_pixel)
 
     @functools.cache  # noqa: B019 - kept for the life of the inputs, one per process
     def _encoded(self, data_key: str, spikes_per_pixel: int | None) -> Dataset:
@@ -50,20 +50,20 @@ class StudyInputs:
 
     def network(self, variant: Variant) -> nn.Module:
         """A freshly initialised network of the variant, for its data's shape and classes."""
-        data = self.raw[variant.data_key]
+        data = self.raw[variant.data_key(self.config)]
         return build_model(variant.apply(self.config).model, data.input_shape, data.num_classes)
 
     @functools.cache  # noqa: B019 - kept for the life of the inputs, one per process
     def chip_mapping(self, variant: Variant, chip: str) -> ChipMapping:
         """Where the variant's network goes on `chip`'s cores, or why it cannot (its structure
         decides, not its weights)."""
-        return chip_fit(self.network(variant), self.raw[variant.data_key].input_shape, chip)
+        return chip_fit(self.network(variant), self.raw[variant.data_key(self.config)].input_shape, chip)
 
     def base_fingerprints(self, variant: Variant) -> dict[str, str]:
         """What a base model of the variant depends on beyond its config: its data's arrays and
         its network's parameter shapes."""
-        return {"data": self.fingerprints["data"][variant.data_key],
-                "model": self.fingerprints["model"][variant.key]["hash"]}
+        return base_fingerprints(self.fingerprints["data"][variant.data_key(self.config)],
+                                 self.fingerprints["model"][variant.key])
 
 
 def load_inputs(config: ExperimentConfig) -> StudyInputs:
@@ -72,18 +72,19 @@ def load_inputs(config: ExperimentConfig) -> StudyInputs:
     cannot be served; `DataError` for a built-in dataset's missing or corrupt files."""
     own = load_pixels(config.data)
     variants = study_variants(config, own.kind)
-    raw = {default_variant(config, own.kind).data_key: own}
+    raw = {Variant(None).data_key(config): own}  # the config's own source arguments
     for variant in variants:
-        if variant.data_key not in raw:
-            raw[variant.data_key] = load_pixels(variant.apply(config).data)
+        if variant.data_key(config) not in raw:
+            raw[variant.data_key(config)] = load_pixels(variant.apply(config).data)
     inputs = StudyInputs(config, own.kind, variants, raw, {})
     models = {}
     for variant in [*variants, inputs.reference_variant]:
         network = inputs.network(variant)
-        sample = raw[variant.data_key].train.images[:CHECK_SAMPLES]
+        data = raw[variant.data_key(config)]
+        sample = data.train.images[:CHECK_SAMPLES]
         if variant.spikes_per_pixel is not None:
             sample = encode_pixels(sample, variant.spikes_per_pixel)
-        check_network(network, sample, raw[variant.data_key].num_classes)
+        check_network(network, sample, data.num_classes)
         models[variant.key] = model_fingerprint(variant.apply(config).model, network)
     fingerprints = {"data": {key: data.fingerprint for key, data in raw.items()}, "model": models}
     return StudyInputs(config, own.kind, variants, raw, fingerprints)

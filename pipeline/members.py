@@ -54,9 +54,10 @@ def members_test_data(record: StudyRecord, members: list[TrialRecord], root: str
     for member in members:
         data = member.variant.apply(record.config).data
         data = dataclasses.replace(data, root=root, verify_checksums=verify_checksums)
-        if member.variant.data_key not in loaded:
-            loaded[member.variant.data_key] = load_pixels(data)
-        raw = loaded[member.variant.data_key]
+        key = member.variant.data_key(record.config)
+        if key not in loaded:
+            loaded[key] = load_pixels(data)
+        raw = loaded[key]
         tests[member.number] = (raw if member.spikes_per_pixel is None
                                 else raw.encoded(member.spikes_per_pixel)).test
     return tests

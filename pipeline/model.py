@@ -151,12 +151,18 @@ def model_fingerprint(config: ModelConfig, model: nn.Module) -> dict[str, Any]:
     return record
 
 
+def base_fingerprints(data_fingerprint: str, model: Mapping[str, Any]) -> dict[str, str]:
+    """What a base model depends on beyond its config (`ExperimentConfig.base_model_key`): its
+    data's fingerprint and its network's (`model_fingerprint`)."""
+    return {"data": data_fingerprint, "model": model["hash"]}
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe_model(config: ModelConfig, args: Mapping[str, Any] | None = None) -> str:
+def describe_model(config: ModelConfig) -> str:
     """`factory(args)` for people, e.g. `conv(channels=[16, 32, 120], ...)`."""
-    shown = ", ".join(f"{k}={v}" for k, v in (args if args is not None else config.args).items())
+    shown = ", ".join(f"{k}={v}" for k, v in config.args.items())
     return f"{config.factory}({shown})"
 

@@ -59,21 +59,22 @@ def _ours(folder: Path, marker: str) -> bool:
     return folder.is_dir() and not folder.is_symlink() and (folder / marker).is_file()
 
 
-def check_replaceable(out: Path, marker: str, what: str,
-                      error: type[PipelineError] = ForeignFolderError) -> None:
-    """Raise `error` (by default `ForeignFolderError`, exit 2) unless `out` is absent, an empty
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """Raise `ForeignFolderError` (exit 2) unless `out` is absent, an empty
     folder, or a folder `what` (e.g. "report") wrote, i.e. one holding `marker`; the same for the
     previous folder an interrupted replacement may have left beside it. Reads only."""
     out = _normal(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise error(f"{out} exists and is a link or not a folder; it is left alone: choose another --out")
+        raise ForeignFolderError(f"{out} exists and is a link or not a folder; it is left alone: choose "
+                                 "another --out")
     if out.is_dir() and any(out.iterdir()) and not _ours(out, marker):
-        raise error(f"{out} holds files that no {what} wrote; it is left alone: choose an empty or "
-                    "new folder with --out")
+        raise ForeignFolderError(f"{out} holds files that no {what} wrote; it is left alone: choose an "
+                                 "empty or new folder with --out")
     waiting = previous_folder(out)
     if (waiting.exists() or waiting.is_symlink()) and not _ours(waiting, marker):
-        raise error(f"{waiting}, where a {what} keeps the previous folder while replacing {out}, "
-                    f"holds something no {what} wrote; it is left alone: move it, or choose another --out")
+        raise ForeignFolderError(f"{waiting}, where a {what} keeps the previous folder while replacing "
+                                 f"{out}, holds something no {what} wrote; it is left alone: move it, or "
+                                 "choose another --out")
 
 
 def _finish_interrupted(out: Path, marker: str) -> None:
@@ -100,11 +101,10 @@ def _staging_folder(out: Path) -> Path:
             continue
 
 
-def _swap_in(staging: Path, out: Path, marker: str, what: str,
-             error: type[PipelineError]) -> None:
+def _swap_in(staging: Path, out: Path, marker: str, what: str) -> None:
     """Make `staging` the folder `out`, replacing the old one by renames (module docstring)."""
     _finish_interrupted(out, marker)
-    check_replaceable(out, marker, what, error)  # again: the folder may have changed meanwhile
+    check_replaceable(out, marker, what)  # again: the folder may have changed meanwhile
     if not out.exists() or not any(out.iterdir()):
         os.rename(staging, out)  # one atomic step: onto nothing, or onto an empty folder
         return
@@ -119,17 +119,16 @@ def _swap_in(staging: Path, out: Path, marker: str, what: str,
 
 
 @contextlib.contextmanager
-def replacing(out: Path, marker: str, what: str, note: str,
-              error: type[PipelineError] = ForeignFolderError) -> Iterator[Path]:
+def replacing(out: Path, marker: str, what: str, note: str) -> Iterator[Path]:
     """Yield an empty staging folder to write `out`'s new content into; when the block ends
     without an exception, the staging folder (with `marker`, holding `note`, added) replaces `out`
     as the module docstring says. `what` names the command in messages ("report", "export").
 
-    Raises `error` (exit 2) before the block runs when `out` is not ours to replace, and
+    Raises `ForeignFolderError` (exit 2) before the block runs when `out` is not ours to replace, and
     `OutputWriteError` (exit 1) when writing or swapping fails with an OSError (e.g. a full disk);
     on any exception the staging folder is removed and the old `out` is left as it was."""
     out = _normal(out)
-    check_replaceable(out, marker, what, error)
+    check_replaceable(out, marker, what)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = _staging_folder(out)
@@ -138,7 +137,7 @@ def replacing(out: Path, marker: str, what: str, note: str,
     try:
         (staging / marker).write_text(note)
         yield staging
-        _swap_in(staging, out, marker, what, error)
+        _swap_in(staging, out, marker, what)
     except PipelineError:
         raise  # already says what went wrong (some are OSErrors too, e.g. a lease's TimeoutError)
     except OSError as err:

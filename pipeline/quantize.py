@@ -30,11 +30,8 @@ from torch import nn
 
 from pipeline.chip import WEIGHT_LAYERS, MappingProblem
 from pipeline.chip_profiles import ChipProfile
-from pipeline.config import SNNConfig
 from pipeline.data import Split, batches
-from pipeline.evaluate import Evaluation, SpikingEvaluation, evaluate
 from pipeline.layers import NeuromorphicReLU
-from pipeline.snn import simulate
 from pipeline.synops import COUNTED_LAYERS, fan_out_map
 
 # NeuroBench's default activation modules (`neurobench/blocks/activation.py`) and our spiking one,
@@ -67,11 +64,12 @@ class QuantizedNetwork:
     model: nn.Module
     layers: tuple[QuantizedLayer, ...]
     chip: ChipProfile
+    unquantized: tuple[MappingProblem, ...] = ()  # modules left in float the chip would not run so
 
     @property
     def problems(self) -> tuple[MappingProblem, ...]:
-        """Every layer's quantisation problems."""
-        return tuple(p for layer in self.layers for p in layer.problems)
+        """Every layer's quantisation problems, and modules left in float."""
+        return self.unquantized + tuple(p for layer in self.layers for p in layer.problems)
 
 
 def _threshold(peak: float, chip: ChipProfile) -> tuple[int, bool]:
@@ -127,14 +125,18 @@ def quantize_for_chip(model: nn.Module, chip: ChipProfile) -> QuantizedNetwork:
     threshold θ per layer (also the scale), as described in this module's docstring.
 
     Average pooling is not rescaled here: sinabs turns nn.AvgPool2d into sum pooling and divides the
-    next layer's weights by the window size, so quantise networks with SumPool2d. Problems (a layer
-    all zero, clipped, or with a threshold beyond the membrane) are data in the layers' records;
-    nothing is raised for them.
+    next layer's weights by the window size, so quantise networks with SumPool2d. Batch norm is not
+    folded either (reported as a problem). Problems (a layer all zero, clipped, or with a threshold
+    beyond the membrane) are data in the records; nothing is raised for them.
     """
     quantized = copy.deepcopy(model)
     layers = tuple(_quantized_layer(name, module, chip) for name, module in quantized.named_modules()
                    if isinstance(module, WEIGHT_LAYERS))
-    return QuantizedNetwork(quantized, layers, chip)
+    unfolded = tuple(MappingProblem(name, "batch-norm-unfolded", (
+        f"layer '{name}' ({type(module).__name__}) stays in float here: the chip folds it into the layer "
+        "before it, so the 8-bit numbers describe a network the chip does not run; fold it first"))
+        for name, module in quantized.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm))
+    return QuantizedNetwork(quantized, layers, chip, unfolded)
 
 
 def _hooked_passes(model: nn.Module, split: Split, batch_size: int,
@@ -273,47 +275,3 @@ def chip_footprint_bytes(quantized: QuantizedNetwork) -> int:
     weights = sum(layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
                   for layer in quantized.layers)
     return math.ceil(weights * chip.weight_bits / 8) + len(quantized.layers) * chip.membrane_bits // 8
-
-
-@dataclass(frozen=True)
-class QuantizedEvaluation:
-    """The float network and its quantised copy on the same split: ANN accuracy and SynOps of both
-    (whole split), the quantised copy as an integrate-and-fire network (`pipeline.snn.simulate`, on
-    its first `max_samples` images), membrane ranges, NeuroBench metrics and footprints."""
-
-    float_ann: Evaluation
-    quantized_ann: Evaluation
-    quantized_snn: SpikingEvaluation
-    membranes: tuple[MembraneRange, ...]
-    float_neurobench: NeuroBenchMetrics
-    quantized_neurobench: NeuroBenchMetrics
-    float_footprint_bytes: int
-    chip_footprint_bytes: int
-
-    @property
-    def accuracy_drop(self) -> float:
-        """Float ANN accuracy minus quantised ANN accuracy (fractions, not points)."""
-        return self.float_ann.accuracy - self.quantized_ann.accuracy
-
-    @property
-    def membrane_overflows(self) -> int:
-        """Membrane values outside the chip's range, over all layers and samples."""
-        return sum(m.overflows for m in self.membranes)
-
-
-def evaluate_quantized(model: nn.Module, quantized: QuantizedNetwork, split: Split, config: SNNConfig,
-                       batch_size: int = 1000) -> QuantizedEvaluation:
-    """Accuracy and SynOps of `quantized` (from `quantize_for_chip(model, ...)`) beside `model`'s on
-    `split`: both as ANNs (`pipeline.evaluate.evaluate`), the quantised one also as a spiking
-    network (`pipeline.snn.simulate` with `config`), with its membrane ranges, NeuroBench metrics
-    and footprints. Raises ValueError on an empty split (as `evaluate` does)."""
-    return QuantizedEvaluation(
-        float_ann=evaluate(model, split, batch_size),
-        quantized_ann=evaluate(quantized.model, split, batch_size),
-        quantized_snn=simulate(quantized.model, split, config),
-        membranes=membrane_ranges(quantized, split, batch_size),
-        float_neurobench=neurobench_metrics(model, split, batch_size),
-        quantized_neurobench=neurobench_metrics(quantized.model, split, batch_size),
-        float_footprint_bytes=float_footprint_bytes(model),
-        chip_footprint_bytes=chip_footprint_bytes(quantized),
-    )

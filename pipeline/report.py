@@ -16,7 +16,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from pipeline.errors import EXIT_BAD_INPUT, PipelineError
+from pipeline.errors import PipelineError
 from pipeline.evaluate import ENERGY_PROFILES, SpikingEvaluation, energy_per_sample
 from pipeline.figures import hypervolume_png, layers_png, pareto_html, pareto_png, snn_layers_png
 from pipeline.front import (
@@ -48,6 +48,7 @@ from pipeline.front import (
 from pipeline.members import member_network
 from pipeline.model import describe_model, parameter_count
 from pipeline.owned import check_replaceable, replacing
+from pipeline.secrets import redact_url
 from pipeline.tracking import Tracker
 
 # Written into every report folder: only a folder holding it is ever replaced by a new report.
@@ -56,12 +57,6 @@ MARKER = ".synops-report"
 
 class EmptyStudyError(PipelineError, RuntimeError):
     """The study has no finished trial to report on."""
-
-
-class UnsafeOutputError(PipelineError, ValueError):
-    """The output folder holds something a report did not write; it is left alone."""
-
-    exit_code = EXIT_BAD_INPUT
 
 
 def _with_interval(row: pd.Series, split: str) -> str:
@@ -356,7 +351,7 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
         ("img", "layers.png"),
         ("h2", "Open the chosen run"),
         ("list", [f"`make ui`, then {tracker.run_url(tracker.experiment_of(run_id), run_id)} "
-                  f"(tracking store: `{tracker.uri}`)",
+                  f"(tracking store: `{redact_url(tracker.uri)}`)",
                   f"`synops export --config <config> --trial {int(member['trial'])}` writes its "
                   "checkpoint and a JSON card for a converter or chip toolchain"]),
     ]
@@ -410,8 +405,8 @@ def render_html(blocks: list[tuple[str, object]], title: str) -> str:
 
 def _check_output(out: Path) -> None:
     """Only an absent or empty folder, or one a report wrote (it holds `MARKER`), may be written
-    (`pipeline.owned`); raises `UnsafeOutputError` otherwise, before anything is computed."""
-    check_replaceable(out, MARKER, "report", UnsafeOutputError)
+    (`pipeline.owned`); raises `ForeignFolderError` otherwise, before anything is computed."""
+    check_replaceable(out, MARKER, "report")
 
 
 def write_report(study: optuna.Study, out: Path, tracker: Tracker,
@@ -419,7 +414,7 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
     """Write every report file into `out` (replacing a previous report whole, never half-written,
     and refusing any other non-empty folder) and log the folder to the study's parent MLflow run.
     `budgets` are the SynOps budgets to quote (default: the study's own `report.budgets`).
-    Raises `EmptyStudyError` if nothing finished, `UnsafeOutputError` for a foreign folder,
+    Raises `EmptyStudyError` if nothing finished, `ForeignFolderError` for a foreign folder,
     `pipeline.owned.OutputWriteError` when the files cannot be written (the old report is kept)."""
     _check_output(out)
     frame = trials_frame(study)
@@ -436,7 +431,7 @@ def write_report(study: optuna.Study, out: Path, tracker: Tracker,
     layers = {name: f"{name}: {type(knee_modules[name]).__name__}" if name in knee_modules else name
               for name in dict.fromkeys(n for r in members for n in r.test.synops_per_layer)}
     note = "written by `synops report`; the folder is replaced whole by the next report\n"
-    with replacing(out, MARKER, "report", note, UnsafeOutputError) as staging:
+    with replacing(out, MARKER, "report", note) as staging:
         pareto_png(frame, study.study_name, staging / "pareto.png", record.bases, member, front)
         pareto_html(frame, study.study_name, staging / "pareto.html", record.bases, member, front)
         hypervolume_png(hypervolume_history(frame, reference_point), reference_point,

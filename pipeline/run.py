@@ -26,7 +26,7 @@ from pipeline.data import Dataset, load_dataset  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.evaluate import Evaluation, energy_per_sample, evaluate  # noqa: E402
 from pipeline.interrupt import shielded  # noqa: E402
-from pipeline.model import build_model, check_network, model_fingerprint  # noqa: E402
+from pipeline.model import base_fingerprints, build_model, check_network, model_fingerprint  # noqa: E402
 from pipeline.tracking import TAG_BASE_KEY, TAG_ROLE, Tracker, TrackingError  # noqa: E402
 from pipeline.train import EpochStats, TrainHistory, TrainingCut, train  # noqa: E402
 
@@ -207,7 +207,7 @@ def run_experiment(config: ExperimentConfig, tracking_uri: str, progress: bool =
     dataset = load_dataset(config.data)
     network = build_model(config.model, dataset.input_shape, dataset.num_classes)
     check_network(network, dataset.train.images, dataset.num_classes)
-    fingerprints = {"data": dataset.fingerprint, "model": model_fingerprint(config.model, network)["hash"]}
+    fingerprints = base_fingerprints(dataset.fingerprint, model_fingerprint(config.model, network))
     tags = {TAG_ROLE: "train"}
     init_state = None
     if config.train.init_from:

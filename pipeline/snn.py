@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.config import SNNConfig
 from pipeline.data import Split, batches
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import SpikingEvaluation, SpikingFailure, evaluate
 from pipeline.layers import NeuromorphicReLU, SumPool2d
 from pipeline.synops import SynOpsCounter
@@ -149,6 +149,19 @@ def simulate(model: nn.Module, split: Split, config: SNNConfig,
         synops_per_layer={name: s / n for name, s in layer_sums.items()},
         ann_synops_per_layer=ann.synops_per_layer,
     )
+
+
+def require_enough_steps(settings: SNNConfig, spikes: dict[int, int]) -> None:
+    """Refuse, before any simulation, settings that need a step per input spike (`single`,
+    `rate`) with fewer steps than a member's input carries spikes per pixel (`spikes`: trial
+    number -> the most spikes one input pixel carries)."""
+    short = {n: k for n, k in spikes.items() if settings.needs_step_per_spike() and settings.steps < k}
+    if short:
+        listed = ", ".join(f"trial {n}: {k}" for n, k in sorted(short.items()))
+        raise ConfigError("snn.steps", f"{settings.encoding} input with {settings.spike_fn}-spike "
+                          f"neurons needs a step for each spike a pixel carries, at least "
+                          f"{max(short.values())} here ({listed} spikes per pixel); "
+                          f"got {settings.steps}")
 
 
 def check_spiking(model: nn.Module, split: Split, config: SNNConfig, label: str,

@@ -7,25 +7,11 @@ from __future__ import annotations
 import optuna
 
 from pipeline.config import SNNConfig
-from pipeline.errors import ConfigError
 from pipeline.evaluate import SpikingEvaluation, SpikingFailure
 from pipeline.front import StudyRecord, TrialRecord, snn_attr
 from pipeline.members import member_network, members_test_data
-from pipeline.snn import check_spiking
+from pipeline.snn import check_spiking, require_enough_steps
 from pipeline.tracking import Tracker
-
-
-def require_enough_steps(settings: SNNConfig, spikes: dict[int, int]) -> None:
-    """Refuse, before any simulation, settings that need a step per input spike (`single`,
-    `rate`) with fewer steps than a member's input carries spikes per pixel (`spikes`: trial
-    number -> the most spikes one input pixel carries)."""
-    short = {n: k for n, k in spikes.items() if settings.needs_step_per_spike() and settings.steps < k}
-    if short:
-        listed = ", ".join(f"trial {n}: {k}" for n, k in sorted(short.items()))
-        raise ConfigError("snn.steps", f"{settings.encoding} input with {settings.spike_fn}-spike "
-                          f"neurons needs a step for each spike a pixel carries, at least "
-                          f"{max(short.values())} here ({listed} spikes per pixel); "
-                          f"got {settings.steps}")
 
 
 def check_members(study: optuna.Study, members: list[TrialRecord], settings: SNNConfig, root: str,

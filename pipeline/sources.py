@@ -134,7 +134,7 @@ def _load_events(config: DataConfig, root: str = "", sensor_size: list[int] | No
     """Event recordings binned into frames (`pipeline.events`): a folder `root` of
     `<split>/<class>/*.npy` structured arrays from a sensor of `sensor_size` [W, H, P], or one of
     Tonic's datasets by name (`tonic = "NMNIST"`, downloaded into data.root)."""
-    from pipeline.events import load_event_folder, load_tonic_dataset
+    from pipeline.events import CACHE_FOLDER, load_event_folder, load_tonic_dataset
 
     if bool(root) == bool(tonic):
         raise ConfigError("data.args", "give either root (a folder of recordings) or tonic (a "
@@ -143,7 +143,7 @@ def _load_events(config: DataConfig, root: str = "", sensor_size: list[int] | No
         return load_tonic_dataset(tonic, n_time_bins, Path(config.root))
     if sensor_size is None:
         raise ConfigError("data.args.sensor_size", "needs [W, H, P], the sensor's size")
-    return load_event_folder(root, sensor_size, n_time_bins, Path(config.root) / "cache")
+    return load_event_folder(root, sensor_size, n_time_bins, Path(config.root) / CACHE_FOLDER)
 
 
 # Each built-in source's loader and the kind of values it gives (`BUILTIN_SOURCES` in config).

@@ -306,6 +306,6 @@ class Tracker:
     def run_url(self, experiment_id: str, run_id: str) -> str:
         """Where the run opens in `make ui` (or the server's UI), in the UI's model-training
         workspace (without `workflowType` MLflow 3 opens its GenAI one)."""
-        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        base = redact_url(self.uri) if self.uri.startswith("http") else "http://127.0.0.1:5000"
         return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
                 "?workflowType=machine_learning")

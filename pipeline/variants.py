@@ -50,10 +50,10 @@ class Variant:
         parts += [f"{DATA_PREFIX}{k}={_text(v)}" for k, v in sorted(self.data_args.items())]
         return ";".join(parts)
 
-    @property
-    def data_key(self) -> str:
-        """What its data depends on (the source's arguments), not the encoding or the network."""
-        return json.dumps(dict(self.data_args), sort_keys=True)
+    def data_key(self, config: ExperimentConfig) -> str:
+        """What its data depends on: the source's arguments it gives `config` (not the encoding or
+        the network), so variants with the same data share it, and the config's own design too."""
+        return json.dumps({**config.data.args, **self.data_args}, sort_keys=True, default=str)
 
     @property
     def slug(self) -> str:
@@ -107,11 +107,6 @@ def study_variants(config: ExperimentConfig, kind: str) -> list[Variant]:
             for k in encodings
             for m in itertools.product(*space.model.values())
             for d in itertools.product(*space.data.values())]
-
-
-def default_variant(config: ExperimentConfig, kind: str) -> Variant:
-    """The config's own design, nothing searched (its data is what `synops train` uses)."""
-    return Variant(None if kind == "counts" else config.data.spikes_per_pixel)
 
 
 def searched_parameters(variants: list[Variant]) -> dict[str, list[str]]:

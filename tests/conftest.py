@@ -78,8 +78,7 @@ def smoke_overrides(idx_root: Path) -> dict[str, object]:
 def prepare(config, storage: str, tracking: str):
     """The study of `config` prepared in the given stores, as `synops sweep` prepares it."""
     inputs = load_inputs(config)
-    return prepare_study(config, storage, Tracker(tracking), inputs, plan_study(config, inputs),
-                         progress=False)
+    return prepare_study(config, storage, Tracker(tracking), inputs, plan_study(config, inputs))
 
 
 @pytest.fixture(scope="module")

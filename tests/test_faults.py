@@ -23,14 +23,25 @@ from pathlib import Path
 import optuna
 import psycopg
 import pytest
+import sqlalchemy
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from pipeline.config import load_config
 from pipeline.front import CONFIRM_RESULT_PREFIX, study_bases
-from pipeline.services import Services, restart_mlflow, restart_postgres, start_services, stop_services
+from pipeline.retry import ServerUnavailableError, ServerWait
+from pipeline.services import (
+    Services,
+    free_port,
+    restart_mlflow,
+    restart_postgres,
+    start_services,
+    stop_services,
+)
 from pipeline.sweep.lease import _key_digest, lease_name
 from pipeline.sweep.workers import run_sweep
+from pipeline.tracking import Tracker
 from tests.conftest import EXPERIMENTS, make_idx_dataset, postgres_missing, smoke_overrides
 
 N_TRIALS = 6
@@ -44,7 +55,6 @@ STUDY_TIMEOUT = 400  # seconds for a whole study of three workers
 needs_postgres = pytest.mark.skipif(
     postgres_missing() is not None,
     reason="PostgreSQL is not installed here (CI's .ci/run installs Debian's postgresql)")
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +215,7 @@ def check_the_study(services: Services, name: str, output: str) -> optuna.Study:
     return final
 
 
+@pytest.mark.slow
 @needs_postgres
 def test_a_study_survives_restarts_of_postgres_and_of_the_mlflow_server(
     servers: Services, data_root: Path, tmp_path: Path
@@ -232,6 +243,7 @@ def test_a_study_survives_restarts_of_postgres_and_of_the_mlflow_server(
     assert "the Optuna storage at" in output and "does not answer" in output  # the restart was seen
 
 
+@pytest.mark.slow
 @needs_postgres
 def test_lease_holders_paused_past_the_grace_period_keep_their_leases(
     servers: Services, data_root: Path, tmp_path: Path
@@ -257,13 +269,12 @@ def test_lease_holders_paused_past_the_grace_period_keep_their_leases(
     check_the_study(servers, name, output)
 
 
+@pytest.mark.slow
 def test_a_full_artifact_store_fails_the_trial_with_its_reason_and_the_study_goes_on(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Logging a checkpoint fails with ENOSPC twice (the disk is full, then space is freed): those
     trials are FAILED with the reason, their runs too, and the study goes on to `n_trials`."""
-    from pipeline.config import load_config
-
     full = {"left": 2}
     log_artifact = LocalArtifactRepository.log_artifact
 
@@ -290,3 +301,41 @@ def test_a_full_artifact_store_fails_the_trial_with_its_reason_and_the_study_goe
         assert "No space left on device" in run.data.tags["synops.failure_reason"]
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+
+
+def test_a_database_that_stays_down_is_waited_for_then_named_without_its_password() -> None:
+    """Connections wait for a refusing database server up to the bound, then fail with
+    `ServerUnavailableError` naming it (password redacted), and later ones fail at once."""
+    url = f"postgresql+psycopg://synops:secret-pw@127.0.0.1:{free_port('127.0.0.1')}/optuna"
+    told: list[str] = []
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    ServerWait("the Optuna storage", url, timeout=1.5, on_wait=told.append).attach(engine)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailableError) as down:
+            engine.connect()
+        assert 1.5 <= time.monotonic() - started < 10
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailableError):
+            engine.connect()
+        assert time.monotonic() - started < 1  # the bound is spent: no second wait
+    finally:
+        engine.dispose()
+    assert "the Optuna storage at postgresql+psycopg://synops:***@127.0.0.1:" in str(down.value)
+    assert "Connection refused" in str(down.value)
+    assert len(told) == 1 and "waiting up to 2 s" in told[0]
+    assert not any("secret-pw" in text for text in [str(down.value), *told])
+
+
+def test_a_tracking_server_that_does_not_answer_is_named_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When MLflow's own retries give up on a server that gives no answer (none here: no retries),
+    the call fails with `ServerUnavailableError` naming the server, its password redacted."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = free_port("127.0.0.1")
+    with pytest.raises(ServerUnavailableError) as down:
+        Tracker(f"http://someone:secret-pw@127.0.0.1:{port}")
+    assert f"the MLflow tracking server at http://someone:***@127.0.0.1:{port} does not answer" \
+        in str(down.value)
+    assert "secret-pw" not in str(down.value)

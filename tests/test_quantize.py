@@ -12,13 +12,13 @@ from torch import nn
 from pipeline.chip_profiles import SPECK
 from pipeline.config import SNNConfig
 from pipeline.data import Split, batches
+from pipeline.deploy import deploy
 from pipeline.evaluate import evaluate
 from pipeline.layers import NeuromorphicReLU, SumPool2d
 from pipeline.quantize import (
     MembraneRange,
     NeuroBenchMetrics,
     chip_footprint_bytes,
-    evaluate_quantized,
     float_footprint_bytes,
     membrane_ranges,
     neurobench_metrics,
@@ -164,22 +164,23 @@ def trained() -> tuple[nn.Module, Split]:
     return net, toy_split(2000, seed=2)
 
 
-@pytest.mark.slow  # 5-20 s on 2 cores: 200 training steps, then six passes over 2000 images
+@pytest.mark.slow  # 5-20 s on 2 cores: 200 training steps, then a few passes over 2000 images
 def test_a_trained_network_keeps_its_accuracy_on_the_chips_integers(trained: tuple[nn.Module, Split]) -> None:
     net, test = trained
     quantized = quantize_for_chip(net, SPECK)
     assert quantized.problems == ()
-    report = evaluate_quantized(net, quantized, test, SNNConfig(steps=1, max_samples=0))
-    assert report.float_ann.accuracy > 0.95
-    assert abs(report.accuracy_drop) <= 0.005  # within half a point
+    float_ann = evaluate(net, test)
+    report = deploy(net, (1, 12, 12), test, "speck", SNNConfig(steps=1, max_samples=0))
+    assert report.fits and float_ann.accuracy > 0.95
+    assert abs(float_ann.accuracy - report.quantized.accuracy) <= 0.005  # within half a point
     # all input at once (one step): the integrate-and-fire network is the quantised ANN
-    snn = report.quantized_snn
-    assert snn.agreement == 1.0 and snn.accuracy == pytest.approx(report.quantized_ann.accuracy)
-    assert snn.synops_mean == pytest.approx(report.quantized_ann.synops_mean, rel=1e-5)
-    assert report.quantized_ann.synops_mean == pytest.approx(report.float_ann.synops_mean, rel=0.01)
-    assert [m.layer for m in report.membranes] == ["0", "3", "6"] and report.membrane_overflows == 0
-    assert report.quantized_neurobench.dense_synops == report.float_neurobench.dense_synops
+    snn = report.spiking
+    assert snn.agreement == 1.0 and snn.accuracy == pytest.approx(report.quantized.accuracy)
+    assert snn.synops_mean == pytest.approx(report.quantized.synops_mean, rel=1e-5)
+    assert report.quantized.synops_mean == pytest.approx(float_ann.synops_mean, rel=0.01)
+    assert report.membrane_overflows == 0
+    assert report.dense_synops == neurobench_metrics(net, test).dense_synops
     # 8 * 9 + 16 * 8 * 9 + 144 * 10 = 2664 weights: 4 bytes each in float32, 1 on the chip, plus
     # three 16-bit thresholds
     assert (report.float_footprint_bytes, report.chip_footprint_bytes) == (2664 * 4, 2664 + 3 * 2)
-    assert evaluate(quantized.model, test, with_synops=False).accuracy == report.quantized_ann.accuracy
+    assert evaluate(quantized.model, test, with_synops=False).accuracy == report.quantized.accuracy

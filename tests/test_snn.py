@@ -19,8 +19,15 @@ from pipeline.config import ConfigError, ModelConfig, SNNConfig, TrainConfig, lo
 from pipeline.data import Split, load_dataset
 from pipeline.layers import NeuromorphicReLU, SumPool2d
 from pipeline.model import build_model
-from pipeline.snn import encode, nir_graph_of, read_nir, save_nir, simulate, to_spiking
-from pipeline.snn_check import require_enough_steps
+from pipeline.snn import (
+    encode,
+    nir_graph_of,
+    read_nir,
+    require_enough_steps,
+    save_nir,
+    simulate,
+    to_spiking,
+)
 from pipeline.synops import SynOpsCounter
 from pipeline.train import train
 from tests.conftest import EXPERIMENTS, smoke_overrides

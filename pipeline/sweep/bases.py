@@ -1,5 +1,5 @@
-"""The study's base models, one per variant: each trained once, when the first trial (or the study's
-preparation) needs it, under a lease so that workers on several machines share it, and recorded in
+"""The study's base models, one per variant: each trained once, when the first trial of its variant
+needs it, under a lease so that workers on several machines share it, and recorded in
 the study with the range of SynOps targets searched on it."""
 
 from __future__ import annotations

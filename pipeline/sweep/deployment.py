@@ -32,6 +32,9 @@ def deploy_front(config: ExperimentConfig, prepared: PreparedStudy, inputs: Stud
                should_stop) as held:
         done = deployments(study)
         records = {r.number: r for r in finished_trials(study)}
+        if not records:  # every trial was infeasible: there is no front to check
+            echo(f"no trial of the study fits {config.study.constraints.chip}: no front to check")
+            return 0
         members = [records[int(n)] for n in choose(study).members["trial"] if int(n) not in done]
         tests = {m.number: inputs.dataset(m.variant).test.to("cpu") for m in members}
         deploy_members(study, members, config.study.constraints.chip, tests, tracker,

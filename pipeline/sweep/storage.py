@@ -1,5 +1,5 @@
-"""The study's storage and its one-time preparation (the first variant's base model, parent run,
-reference trial), and the checks that a resumed study still means what it meant.
+"""The study's storage and its one-time preparation (parent run, record, starter and reference
+trials), and the checks that a resumed study still means what it meant.
 
 Optuna's RDB storage is the distributed engine: workers on this or other machines share one
 storage, heartbeats turn a trial whose process died into FAIL and retry it, and a lease kept in it
@@ -40,11 +40,9 @@ from pipeline.front import (
 from pipeline.inputs import StudyInputs, fingerprint_changes
 from pipeline.retry import ServerUnavailableError, ServerWait, connection_lost, first_line
 from pipeline.secrets import redact_url
-from pipeline.sweep.bases import BaseTraining
 from pipeline.sweep.lease import Lease, lease, lease_name
 from pipeline.sweep.space import StudyPlan, parameter_meaning, starter_params
 from pipeline.tracking import TAG_ROLE, Tracker
-from pipeline.train import EpochStats
 from pipeline.variants import Variant, searched_parameters
 
 # Heartbeats, stale-trial retries and metric names are marked experimental; we rely on them.
@@ -238,14 +236,15 @@ def _searched(bounds: SearchBounds) -> list[str]:
             *(["penalty"] if len(bounds.penalties) > 1 else []), *optional]
 
 
-def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                   config: ExperimentConfig, storage_url: str, inputs: StudyInputs, plan: StudyPlan,
-                   training: BaseTraining, held: Lease) -> StudyRecord:
-    """Open the parent run, queue the starter trial, and store the study's record; no model is
+def _create_record(study: optuna.Study, config: ExperimentConfig, storage_url: str,
+                   inputs: StudyInputs, plan: StudyPlan, tracker: Tracker, experiment_id: str,
+                   held: Lease) -> StudyRecord:
+    """Open the parent run, store the study's record and queue the starter trial; no model is
     trained here (each variant's base model is trained when a trial first needs it). The record
-    version is written last: a preparation that dies half-way is redone."""
+    version is written after the rest of the record and before any trial is queued: a
+    preparation that dies before it is redone; one that dies after it resumes (without a starter
+    trial, at worst)."""
     bounds = plan.bounds
-    tracker, experiment_id = training.tracker, training.experiment_id
     held.verify()  # a holder that lost the lease meanwhile must not open a second parent run
     parent = tracker.start_run(experiment_id, f"study-{config.name}", {
         TAG_ROLE: "study", "synops.study": config.name, "synops.storage": redact_url(storage_url),
@@ -259,7 +258,7 @@ def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
     parent.log_params(study_params | space | floors)
     first: Variant = bounds.variants[0]
     record = StudyRecord(config.name, config, bounds, {}, parent.run_id, inputs.kind,
-                         inputs.raw[first.data_key].num_classes, dict(inputs.fingerprints))
+                         inputs.raw[first.data_key(config)].num_classes, dict(inputs.fingerprints))
     study.set_metric_names(list(OBJECTIVE_NAMES))  # optuna-dashboard labels its plots with them
     study.set_user_attr("objectives", "val_accuracy: accuracy on the validation split (maximised); "
                         "val_synops_mean: mean SynOps per validation sample (minimised)")
@@ -270,29 +269,25 @@ def _create_record(study: optuna.Study, storage: optuna.storages.BaseStorage,
                                       "fingerprints": record.fingerprints})
     study.set_user_attr(ATTR_PARENT_RUN, parent.run_id)
     held.verify()
+    study.set_user_attr(ATTR_SCHEMA, SCHEMA_VERSION)
     if config.study.starter_trial and config.study.sampler != "grid":
         chip = config.study.constraints.chip
         study.enqueue_trial(starter_params(bounds, plan, lambda v: not chip
                                            or inputs.chip_mapping(v, chip).fits))
-    study.set_user_attr(ATTR_SCHEMA, SCHEMA_VERSION)
     return record
 
 
 def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker, inputs: StudyInputs,
-                  plan: StudyPlan, progress: bool = True,
-                  should_stop: Callable[[], bool] = lambda: False,
-                  on_epoch: Callable[[Variant, EpochStats], None] | None = None,
+                  plan: StudyPlan, should_stop: Callable[[], bool] = lambda: False,
                   on_wait: Callable[[str], None] | None = None) -> PreparedStudy:
     """Create or resume the study before this worker runs trials; `inputs` and `plan` are already
     checked (`load_inputs`, `plan_study`). However many workers (here or on other machines) start
     together, one prepares it under a lease while the others wait (`on_wait` gets a line), then
-    check and resume it. `on_epoch` receives the base model's variant and epochs if it is
-    trained."""
+    check and resume it. No model is trained here."""
     experiment_id = tracker.experiment(config.name)
     storage = open_storage(storage_url, config)
     study = optuna.create_study(study_name=config.name, storage=storage, directions=DIRECTIONS,
                                 load_if_exists=True)
-    training = BaseTraining(tracker, experiment_id, progress, should_stop, on_epoch, on_wait)
     with lease(storage, lease_name(config.name, "prepare"), config.study.wait_timeout, on_wait,
                should_stop) as held:
         if ATTR_SCHEMA in study.user_attrs or study.trials:
@@ -305,7 +300,8 @@ def prepare_study(config: ExperimentConfig, storage_url: str, tracker: Tracker, 
             unfinished = study.user_attrs.get(ATTR_PARENT_RUN)
             if unfinished and tracker.status(unfinished) == "RUNNING":
                 tracker.close(unfinished, "FAILED", "the study's preparation did not finish; redone")
-            record = _create_record(study, storage, config, storage_url, inputs, plan, training, held)
+            record = _create_record(study, config, storage_url, inputs, plan, tracker, experiment_id,
+                                    held)
         held.verify()  # a holder that lost the lease meanwhile must not queue a second reference
         ensure_reference_trial(study, config)
     return PreparedStudy(study, storage, record, experiment_id)

@@ -20,7 +20,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import TUTORIAL_RECIPE, ExperimentConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluate import Evaluation
 from pipeline.figures import pareto_png
@@ -86,7 +86,9 @@ def trial_line(trial: FrozenTrial) -> str:
     variant = trial.user_attrs.get(ATTR_VARIANT)
     where = f" [{Variant.from_record(variant).label}]" if variant else ""
     if trial.user_attrs.get(ATTR_REFERENCE):
-        params = f"tutorial recipe{where} (from scratch, mse 1e-5 -> 4e7, 2 epochs)"
+        recipe = TUTORIAL_RECIPE
+        params = (f"tutorial recipe{where} (from scratch, {recipe.penalty} {recipe.penalty_weight:g} -> "
+                  f"{recipe.target_synops:g}, {recipe.epochs} epochs)")
     else:
         resolved = {k: trial.user_attrs[k] for k in (ATTR_TARGET,) if k in trial.user_attrs}
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -316,9 +318,8 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
     inputs = load_inputs(config)
     plan = plan_study(config, inputs)
     tracker = Tracker(tracking_uri)
-    prepared = prepare_study(
-        config, storage_url, tracker, inputs, plan, progress=progress, should_stop=stop_requested,
-        on_epoch=None if progress else base_epoch_echo(echo, config), on_wait=echo)
+    prepared = prepare_study(config, storage_url, tracker, inputs, plan, should_stop=stop_requested,
+                             on_wait=echo)
     study = prepared.study
     bar = tqdm(total=config.study.n_trials, initial=study_counts(study).finished, desc=config.name,
                unit="trial", disable=not progress)
