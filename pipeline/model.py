@@ -64,7 +64,7 @@ def conv_net(input_shape: tuple[int, int, int], num_classes: int,
     return nn.Sequential(*layers)
 
 
-BUILTIN_FACTORIES = {"conv": conv_net}
+FACTORIES = {"conv": conv_net}  # the built-in factories, by the names in config.BUILTIN_FACTORIES
 
 
 def build_model(config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -74,7 +74,7 @@ def build_model(config: ModelConfig, input_shape: tuple[int, int, int], num_clas
 
     Raises `ConfigError("model.factory")` for a factory that does not resolve, rejects its args
     (named), raises, or returns no `nn.Module`."""
-    factory = BUILTIN_FACTORIES.get(config.factory) or resolve_function(config.factory, "model.factory")
+    factory = FACTORIES.get(config.factory) or resolve_function(config.factory, "model.factory")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
         model = call_with_args(factory, config.factory, "model.factory", config.args,

@@ -147,7 +147,7 @@ def _load_events(config: DataConfig, root: str = "", sensor_size: list[int] | No
 
 
 # Each built-in source's loader and the kind of values it gives (`BUILTIN_SOURCES` in config).
-BUILTIN_LOADERS: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
+BUILTIN_LOADERS: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {  # by config.BUILTIN_SOURCES
     "mnist": (_load_mnist, "intensity"),
     "fashion-mnist": (_load_mnist, "intensity"),
     "arrays": (_load_arrays, "intensity"),

@@ -140,3 +140,13 @@ def test_cli_refuses_cuda_where_there_is_none(tmp_path: Path, monkeypatch: pytes
                                        "--device", "cuda"])
     assert result.exit_code == 2 and "no CUDA device" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_built_in_name_the_config_allows_has_its_implementation() -> None:
+    from pipeline.config import BUILTIN_FACTORIES, BUILTIN_SOURCES, DATA_KINDS
+    from pipeline.model import FACTORIES
+    from pipeline.sources import BUILTIN_LOADERS
+
+    assert set(FACTORIES) == set(BUILTIN_FACTORIES)
+    assert set(BUILTIN_LOADERS) == set(BUILTIN_SOURCES)
+    assert {kind for _, kind in BUILTIN_LOADERS.values()} <= set(DATA_KINDS)
