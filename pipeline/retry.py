@@ -27,7 +27,7 @@ import sqlalchemy
 import sqlalchemy.exc
 
 from pipeline.errors import PipelineError
-from pipeline.secrets import redact_url
+from pipeline.secrets import redact_text, redact_url
 
 FIRST_DELAY = 0.5  # seconds before the second try to connect; doubled after each refusal
 MAX_DELAY = 2.0  # between tries: a server back after a restart is reached within this
@@ -42,7 +42,8 @@ def unavailable(what: str, url: str, waited: float, cause: BaseException | str) 
     """The error for `what` at `url` (password redacted) that did not answer for `waited` seconds,
     last with `cause` (its first line)."""
     return ServerUnavailableError(
-        f"{what} at {redact_url(url)} did not answer for {waited:.0f} s (last: {first_line(cause)}); "
+        f"{what} at {redact_url(url)} did not answer for {waited:.0f} s "
+        f"(last: {redact_text(first_line(cause), url)}); "
         "finished work is kept: start the server again and re-run the command to continue")
 
 
@@ -106,7 +107,7 @@ class ServerWait:
                     if self._down_since is None:
                         self._down_since = now
                         self._tell(f"{self.what} at {redact_url(self.url)} does not answer "
-                                   f"({first_line(err)}); waiting up to {self.timeout:.0f} s for it")
+                                   f"({redact_text(first_line(err), self.url)}); waiting up to {self.timeout:.0f} s for it")
                     down_since = self._down_since
                 left = down_since + self.timeout - now
                 if left <= 0:

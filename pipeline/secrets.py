@@ -3,7 +3,7 @@ or printed. Hand-written: the standard library parses URLs but has no redaction.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 REDACTED = "***"
 # Query parameters libpq (and so psycopg and SQLAlchemy) reads a password from.
@@ -36,3 +36,17 @@ def redact_url(url: str) -> str:
             [(key, REDACTED if key.lower() in PASSWORD_PARAMETERS else value) for key, value in query],
             safe="*"))
     return urlunsplit(parts) if changed else url
+
+
+def redact_text(text: str, url: str) -> str:
+    """`text` (an error message that may quote `url`, as MLflow's and requests' messages do) with
+    `url`'s password replaced by `***` wherever it appears, percent-encoded or not. Never raises."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return REDACTED
+    if not password:
+        return text
+    for form in {password, quote(password, safe=""), unquote(password)}:
+        text = text.replace(form, REDACTED)
+    return text

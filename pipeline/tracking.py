@@ -47,7 +47,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.errors import PipelineError
 from pipeline.retry import ServerUnavailableError, first_line
-from pipeline.secrets import redact_url
+from pipeline.secrets import redact_text, redact_url
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 CHECKPOINT_ARTIFACT = "model/state_dict.pt"
@@ -139,7 +139,7 @@ class _ServerClient:
                 if not _no_answer(err):
                     raise
                 self._down = (f"MLflow's retries gave up after {time.monotonic() - started:.0f} s; "
-                              f"last: {first_line(err)}")
+                              f"last: {redact_text(first_line(err), self._uri)}")
                 raise self._unavailable(self._down) from err
 
         return call

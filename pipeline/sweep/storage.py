@@ -39,7 +39,7 @@ from pipeline.front import (
 )
 from pipeline.inputs import StudyInputs, fingerprint_changes
 from pipeline.retry import ServerUnavailableError, ServerWait, connection_lost, first_line
-from pipeline.secrets import redact_url
+from pipeline.secrets import redact_text, redact_url
 from pipeline.sweep.lease import Lease, lease, lease_name
 from pipeline.sweep.space import StudyPlan, parameter_meaning, starter_params
 from pipeline.tracking import TAG_ROLE, Tracker
@@ -164,7 +164,7 @@ def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStora
             if attempt == STORAGE_ATTEMPTS:
                 raise ServerUnavailableError(
                     f"cannot open {STORAGE_NAME} at {redact_url(url)} (tried {attempt} times in "
-                    f"{time.monotonic() - started:.0f} s): {first_line(err.__cause__ or err)}") from err
+                    f"{time.monotonic() - started:.0f} s): {redact_text(first_line(err.__cause__ or err), url)}") from err
             time.sleep(attempt)
             attempt += 1
     if not url.startswith("sqlite"):
