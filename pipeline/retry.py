@@ -107,7 +107,8 @@ class ServerWait:
                     if self._down_since is None:
                         self._down_since = now
                         self._tell(f"{self.what} at {redact_url(self.url)} does not answer "
-                                   f"({redact_text(first_line(err), self.url)}); waiting up to {self.timeout:.0f} s for it")
+                                   f"({redact_text(first_line(err), self.url)}); "
+                                   f"waiting up to {self.timeout:.0f} s for it")
                     down_since = self._down_since
                 left = down_since + self.timeout - now
                 if left <= 0:

@@ -40,13 +40,16 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str, url: str) -> str:
     """`text` (an error message that may quote `url`, as MLflow's and requests' messages do) with
-    `url`'s password replaced by `***` wherever it appears, percent-encoded or not. Never raises."""
+    each password `url` carries (user part or `password=` parameter) replaced by `***` wherever it
+    appears, percent-encoded or not; a `url` that cannot be parsed hides all of `text`. Never raises."""
     try:
-        password = urlsplit(url).password
+        parts = urlsplit(url)
+        passwords = [parts.password or ""]
     except ValueError:
         return REDACTED
-    if not password:
-        return text
-    for form in {password, quote(password, safe=""), unquote(password)}:
-        text = text.replace(form, REDACTED)
+    passwords += [value for key, value in parse_qsl(parts.query, keep_blank_values=True)
+                  if key.lower() in PASSWORD_PARAMETERS]
+    for password in filter(None, passwords):
+        for form in {password, quote(password, safe=""), unquote(password)}:
+            text = text.replace(form, REDACTED)
     return text

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.secrets import REDACTED, redact_url
+from pipeline.secrets import REDACTED, redact_text, redact_url
 from tests.conftest import EXPERIMENTS
 
 
@@ -25,6 +25,20 @@ from tests.conftest import EXPERIMENTS
 def test_a_password_is_never_shown(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert "s3cret" not in redact_url(url) and "p%40ss" not in redact_url(url)
+
+
+@pytest.mark.parametrize("url", [
+    "http://alice:s3cret@10.0.0.5:5000",
+    "postgresql://u:s3cret%40x@db/x",
+    "postgresql://u@db/x?password=s3cret",
+])
+def test_a_password_quoted_in_an_error_message_is_not_shown(url: str) -> None:
+    # MLflow's and requests' messages quote the URL they called, user part and all
+    message = f"API request to {url}/api/2.0/mlflow/experiments/search failed (s3cret@x, s3cret%40x)"
+    shown = redact_text(message, url)
+    assert "s3cret" not in shown
+    assert shown.startswith("API request to ") and "/api/2.0/mlflow/experiments/search failed" in shown
+    assert redact_text("connection refused", url) == "connection refused"
 
 
 def test_a_url_that_cannot_be_read_is_not_shown_at_all() -> None:

@@ -109,7 +109,23 @@ def _once_more_if_cut(operation: Callable[..., Any]) -> Callable[..., Any]:
     return repeated
 
 
-class ReconnectingStorage(optuna.storages.RDBStorage):
+def _repeating(names: tuple[str, ...]) -> Callable[[type], type]:
+    """A class decorator: the class's operations `names` (inherited from `RDBStorage`) run once
+    more when a lost connection cut them short."""
+    def decorate(cls: type) -> type:
+        for name in names:
+            setattr(cls, name, _once_more_if_cut(getattr(optuna.storages.RDBStorage, name)))
+        return cls
+
+    return decorate
+
+
+@_repeating((*REPEATABLE, "_get_stale_trial_ids"))
+class _RepeatingStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose harmless operations run once more after a lost connection."""
+
+
+class ReconnectingStorage(_RepeatingStorage):
     """Optuna's RDB storage that rides out a restart of its database server.
 
     Operations cut short by a lost connection (the restart ended the session under them) run
@@ -127,12 +143,7 @@ class ReconnectingStorage(optuna.storages.RDBStorage):
         grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
         if self.server_wait is not None and self.server_wait.back_within(grace):
             return []
-        return _stale_trial_ids(self, study_id)
-
-
-_stale_trial_ids = _once_more_if_cut(optuna.storages.RDBStorage._get_stale_trial_ids)
-for _name in REPEATABLE:
-    setattr(ReconnectingStorage, _name, _once_more_if_cut(getattr(optuna.storages.RDBStorage, _name)))
+        return super()._get_stale_trial_ids(study_id)
 
 
 def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStorage:
@@ -162,9 +173,10 @@ def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStora
             break
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
             if attempt == STORAGE_ATTEMPTS:
+                cause = redact_text(first_line(err.__cause__ or err), url)
                 raise ServerUnavailableError(
                     f"cannot open {STORAGE_NAME} at {redact_url(url)} (tried {attempt} times in "
-                    f"{time.monotonic() - started:.0f} s): {redact_text(first_line(err.__cause__ or err), url)}") from err
+                    f"{time.monotonic() - started:.0f} s): {cause}") from err
             time.sleep(attempt)
             attempt += 1
     if not url.startswith("sqlite"):
