@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create or refresh .venv
 
-test: $(STAMP)  ## the test suite (generated data, plus one short run on real MNIST)
-	$(BIN)/pytest
+test: $(STAMP)  ## the test suite (generated data, plus one short run on real MNIST), one process per core
+	$(BIN)/pytest -n auto --dist loadgroup
 
 test-quick: $(STAMP)  ## the tests that train for at most a few seconds each
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n auto --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests examples

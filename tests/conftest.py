@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+import torch
 
 from pipeline.config import load_config
 from pipeline.inputs import load_inputs
@@ -19,6 +21,15 @@ from pipeline.sweep.workers import run_sweep
 from pipeline.tracking import Tracker
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs one test process per core), each test process and
+    the processes it starts compute on one thread: two processes of two threads each would fight
+    over two cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def make_idx_dataset(root: Path, train: int = 600, test: int = 200, seed: int = 0) -> Path:

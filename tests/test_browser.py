@@ -20,8 +20,13 @@ from pipeline.variants import Variant
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome")
                  if (path := shutil.which(name))), None)
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium here: `apt-get install chromium` (CI's .ci/run installs it)")
+# Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
+# in one process, so the fixture is made once.
+pytestmark = [
+    pytest.mark.xdist_group(__name__),
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="no Chromium here: `apt-get install chromium` (CI's .ci/run installs it)"),
+]
 # Flags for a closed network and a root user: no sandbox, no background connections.
 HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]

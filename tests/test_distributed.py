@@ -29,9 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 N_TRIALS = 6
 
 
-pytestmark = pytest.mark.skipif(
-    postgres_missing() is not None,
-    reason="PostgreSQL is not installed here (CI's .ci/run installs Debian's postgresql)")
+# Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
+# in one process, so the fixture is made once.
+pytestmark = [
+    pytest.mark.xdist_group(__name__),
+    pytest.mark.skipif(
+        postgres_missing() is not None,
+        reason="PostgreSQL is not installed here (CI's .ci/run installs Debian's postgresql)"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,10 @@ from pipeline.config import load_config
 from pipeline.sweep.workers import run_sweep
 from tests.conftest import EXPERIMENTS, smoke_overrides
 
+# Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
+# in one process, so the fixture is made once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 @pytest.fixture(scope="module")
 def exportable(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:

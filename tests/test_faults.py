@@ -44,6 +44,10 @@ from pipeline.sweep.workers import run_sweep
 from pipeline.tracking import Tracker
 from tests.conftest import EXPERIMENTS, make_idx_dataset, postgres_missing, smoke_overrides
 
+# Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
+# in one process, so the fixture is made once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 N_TRIALS = 6
 HEARTBEAT, GRACE = 1, 3  # seconds: study.heartbeat_interval and study.grace_period of the workers
 PAUSE = 2 * GRACE  # a paused lease holder stays stopped this long

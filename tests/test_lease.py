@@ -39,6 +39,10 @@ from pipeline.sweep.lease import (
 from tests.conftest import postgres_missing
 from tests.lease_worker import URL_VARIABLE
 
+# Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
+# in one process, so the fixture is made once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 ROUNDS = 12  # per racing worker

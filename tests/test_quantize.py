@@ -26,6 +26,10 @@ from pipeline.quantize import (
 )
 from tests.test_chip import tutorial_net
 
+# Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
+# in one process, so the fixture is made once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 def linear(weights: list[list[float]]) -> nn.Linear:
     """A Linear layer without bias holding `weights` (out x in)."""

@@ -23,6 +23,10 @@ from pipeline.report import _noise_blocks
 from pipeline.sweep.workers import run_sweep
 from tests.conftest import EXPERIMENTS, smoke_overrides
 
+# Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
+# in one process, so the fixture is made once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 def test_report_files_hold_the_front(study_stores: tuple[str, str, list[str]], tmp_path: Path) -> None:
     storage, tracking, args = study_stores

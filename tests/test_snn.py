@@ -32,6 +32,10 @@ from pipeline.synops import SynOpsCounter
 from pipeline.train import train
 from tests.conftest import EXPERIMENTS, smoke_overrides
 
+# Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
+# in one process, so the fixture is made once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 def spiking_weights(model: nn.Module, scale: float = 3.0) -> nn.Module:
     """Random weights large enough that every layer spikes (an untrained net barely does)."""
