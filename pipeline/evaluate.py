@@ -170,6 +170,12 @@ class Deployment:
         return record
 
     @classmethod
+    def readable(cls, record: dict[str, Any]) -> bool:
+        """Whether `record` holds this version's fields: a check recorded by another version
+        (fields added since) is not read, but done again."""
+        return set(record) == {field.name for field in dataclasses.fields(cls)}
+
+    @classmethod
     def from_record(cls, record: dict[str, Any]) -> Deployment:
         values = dict(record)
         values["quantized"] = Evaluation.from_record(record["quantized"])

@@ -246,10 +246,23 @@ def spiking_checks(study: optuna.Study) -> dict[int, SpikingEvaluation | Spiking
             for key, value in study.user_attrs.items() if key.startswith(SNN_ATTR_PREFIX)}
 
 
-def deployments(study: optuna.Study) -> dict[int, Deployment]:
-    """The latest chip check of each member that has one, by trial number."""
-    return {int(key.removeprefix(DEPLOY_ATTR_PREFIX)): Deployment.from_record(value)
+def _deployment_records(study: optuna.Study) -> dict[int, dict[str, Any]]:
+    return {int(key.removeprefix(DEPLOY_ATTR_PREFIX)): value
             for key, value in study.user_attrs.items() if key.startswith(DEPLOY_ATTR_PREFIX)}
+
+
+def deployments(study: optuna.Study) -> dict[int, Deployment]:
+    """The latest chip check of each member that has one, by trial number. Checks recorded by an
+    older version of synops (`older_deployments`) are left out: they are done again."""
+    return {number: Deployment.from_record(record)
+            for number, record in _deployment_records(study).items() if Deployment.readable(record)}
+
+
+def older_deployments(study: optuna.Study) -> list[int]:
+    """The members whose chip check was recorded by an older version (other fields), to be done
+    again by `synops deploy --front` or the next `synops sweep`."""
+    return sorted(number for number, record in _deployment_records(study).items()
+                  if not Deployment.readable(record))
 
 
 def layer_column(layer: str) -> str:

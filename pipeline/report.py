@@ -38,6 +38,7 @@ from pipeline.front import (
     indistinguishable_neighbours,
     infeasible_trials,
     layer_column,
+    older_deployments,
     param_columns,
     parent_run_tags,
     spiking_checks,
@@ -188,10 +189,12 @@ def _spiking_blocks(front: pd.DataFrame, knee: pd.Series) -> list[tuple[str, obj
     return blocks + ([("img", "snn_layers.png")] if knee_checked else [])
 
 
-def _chip_blocks(front: pd.DataFrame, knee: pd.Series, infeasible: dict) -> list[tuple[str, object]]:
+def _chip_blocks(front: pd.DataFrame, knee: pd.Series, infeasible: dict,
+                 older: list[int]) -> list[tuple[str, object]]:
     """Whether the front members run on the study's chip (`[study.constraints] chip` or
-    `synops deploy`), what quantisation to its integers costs, and which trials did not fit."""
-    if "chip_fit" not in front and not infeasible:
+    `synops deploy`), what quantisation to its integers costs, which trials did not fit, and which
+    members' checks an older version recorded (`older`)."""
+    if "chip_fit" not in front and not infeasible and not older:
         return []
     rows = [f"trial {int(r['trial'])}: {r['chip_fit']}; on 8-bit weights test accuracy "
             f"{r['quantized_test_accuracy']:.2%} (float {r['test_accuracy']:.2%}) at "
@@ -202,6 +205,8 @@ def _chip_blocks(front: pd.DataFrame, knee: pd.Series, infeasible: dict) -> list
             for _, r in front[front.get("chip_fit", pd.Series(None, index=front.index)).notna()].iterrows()]
     rows += [f"trial {n} ({variant.label}) was not trained: {why}"
              for n, (variant, why) in sorted(infeasible.items())]
+    rows += [f"trial {n}: its chip check was recorded by an older version of synops; "
+             "`synops deploy --front` (or the next `synops sweep`) checks it again" for n in older]
     return [("h2", "On the chip"),
             ("p", "Each front member mapped onto the chip's cores (its published memory arithmetic "
                   "and layer rules) and evaluated with the chip's 8-bit integer weights and integer "
@@ -327,7 +332,7 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
               "degrees of freedom: from 2.78 for two means over 3 seeds to 12.71 for 2 seeds against "
               "a single run, where the normal quantile said 1.96), whatever its variant."),
         ("table", budget_table(choice.candidates, budgets)),
-        *_chip_blocks(front, member, infeasible_trials(study)),
+        *_chip_blocks(front, member, infeasible_trials(study), older_deployments(study)),
         ("h2", "Energy per sample of the knee"),
         ("p", "From its SynOps on the chip's integer weights (8-bit, after quantisation: "
               f"{synops:.3g} per sample)." if quantized else f"From its SynOps ({synops:.3g} per sample)."),

@@ -14,7 +14,14 @@ from mlflow.tracking import MlflowClient
 from pipeline.chip_profiles import SPECK
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.front import StudyRecord, choose, deployments, finished_trials, infeasible_trials
+from pipeline.front import (
+    DEPLOY_ATTR_PREFIX,
+    StudyRecord,
+    choose,
+    deployments,
+    finished_trials,
+    infeasible_trials,
+)
 from pipeline.members import member_network
 from pipeline.quantize import quantize_for_chip
 from pipeline.tracking import Tracker
@@ -87,6 +94,21 @@ def test_a_constrained_study_never_trains_what_does_not_fit_and_checks_its_front
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## On the chip" in text and "fits speck: 4 of 9 cores" in text and "8-bit test acc" in text
     assert "was not trained: does not fit speck" in text and "after quantisation" in text
+
+    # A chip check recorded by an older version (without a field this one records): the report
+    # says so instead of failing, and the next sweep checks that member again.
+    older = dict(study.user_attrs[f"{DEPLOY_ATTR_PREFIX}{knee.number}"])
+    del older["membrane_bits"]
+    study.set_user_attr(f"{DEPLOY_ATTR_PREFIX}{knee.number}", older)
+    report = CliRunner().invoke(main, ["report", *args, "--out", str(tmp_path / "report-older")])
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "report-older" / "report.md").read_text()
+    assert f"trial {knee.number}: its chip check was recorded by an older version" in text
+    assert knee.number not in deployments(study)
+    again = CliRunner().invoke(main, ["sweep", "--quiet", *args], catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert f"deploy trial {knee.number:3d}" in again.output
+    assert deployments(study)[knee.number].membrane_bits == checked[knee.number].membrane_bits
 
 
 def test_a_study_where_nothing_fits_is_refused_before_anything_is_written(

@@ -140,8 +140,8 @@ def start_and_wait_for_a_running_trial(args: list[str], stores: Stores) -> subpr
     raise AssertionError(f"no trial was seen running: {process.communicate()[0][-3000:]}")
 
 
-SLOW_TRIALS = ["--set=study.heartbeat_interval=1", "--set=study.grace_period=2", "--set=study.confirm_seeds=0",
-               "--set=train.max_batches=0", "--set=train.epochs=30"]
+SLOW_TRIALS = ["--set=study.heartbeat_interval=1", "--set=study.grace_period=2",
+               "--set=study.confirm_seeds=0", "--set=train.max_batches=0", "--set=train.epochs=30"]
 
 
 def test_a_killed_sweep_resumes_and_marks_the_killed_trial_failed(
