@@ -421,17 +421,53 @@ def choose_knee(front: pd.DataFrame) -> Knee:
     return Knee(int(ranked.sort_values(["distance", "error", "synops"]).index[0]), KNEE_IDEAL)
 
 
+@dataclass(frozen=True)
+class SeedNoise:
+    """The training noise of the front's validation accuracy: the seed-to-seed sd pooled over
+    every member's repeats (`sd`, NaN without any) and its degrees of freedom (`df`, the sum of
+    each member's seeds - 1)."""
+
+    sd: float
+    df: int
+
+    @property
+    def t(self) -> float:
+        """The two-sided 95% quantile of Student's t at `df`."""
+        return _t95(self.df)
+
+    def margin(self, seeds_a: int, seeds_b: int) -> float:
+        """The gap two seed means (over `seeds_a` and `seeds_b` runs) must exceed to be told apart
+        at 95% (two-sided Student's t with `df`); 0 without repeats (only exact ties tie)."""
+        if self.df == 0:
+            return 0.0
+        return self.t * self.sd * (1 / seeds_a + 1 / seeds_b) ** 0.5
+
+
+def seed_noise(frame: pd.DataFrame) -> SeedNoise:
+    """The pooled training noise of `frame`'s rows (`val_accuracy_sd` over `seeds` runs; rows
+    without repeats add nothing): s^2 = sum((n_i - 1) s_i^2) / sum(n_i - 1). Pooled because the
+    noise is the network's and its recipe's, shared by the front's members: one member's 2 or 3
+    seeds estimate it too loosely to judge by (Student's t at 1 degree of freedom is 12.71)."""
+    sd = frame.get("val_accuracy_sd", pd.Series(math.nan, index=frame.index))
+    seeds = frame.get("seeds", pd.Series(1, index=frame.index))
+    repeated = (seeds > 1) & sd.notna()
+    df = int((seeds[repeated] - 1).sum())
+    if df == 0:
+        return SeedNoise(math.nan, 0)
+    return SeedNoise(float((((seeds - 1) * sd**2)[repeated].sum() / df) ** 0.5), df)
+
+
 def best_within_budgets(frame: pd.DataFrame, budgets: list[float]) -> list[tuple[float, pd.Series | None]]:
     """For each SynOps budget, among the rows whose validation SynOps fit in it, the one with the
     fewest SynOps of those that cannot be told apart from the most accurate one, or None.
 
     Rows scored on the same validation images differ by training noise, not by which images were
-    drawn, so "told apart" compares seed means (`val_accuracy_sd`, `seeds`): a row ties with the
-    best when the gap is within t * sqrt(sd_best^2 / seeds_best + sd^2 / seeds), t the two-sided
-    95% quantile of Student's t with Welch's degrees of freedom (the two means have different
-    variances, each estimated from a few seeds: (v_best + v)^2 / (v_best^2 / (seeds_best - 1)
-    + v^2 / (seeds - 1)), v = sd^2 / seeds). A row measured once has no seed variance and adds
-    none; without seed repeats only exact ties count."""
+    drawn, so "told apart" compares seed means against the front's pooled training noise
+    (`seed_noise`): a row ties with the best when the gap is within
+    t * s * sqrt(1 / seeds_best + 1 / seeds); a single run carries the same noise (seeds = 1).
+    Without seed repeats only exact ties count."""
+    noise = seed_noise(frame)
+    seeds = frame.get("seeds", pd.Series(1, index=frame.index)).fillna(1)
     chosen = []
     for budget in budgets:
         fitting = frame[frame["val_synops_mean"] <= budget]
@@ -439,24 +475,12 @@ def best_within_budgets(frame: pd.DataFrame, budgets: list[float]) -> list[tuple
             chosen.append((budget, None))
             continue
         best = fitting["val_accuracy"].idxmax()
-        variance, freedom = _mean_variances(fitting)
-        total = variance + variance[best]
-        df = (total**2 / (freedom + freedom[best])).where(total > 0, math.inf)
-        margin = _t95(df) * total**0.5
+        margin = pd.Series([noise.margin(int(seeds[best]), int(seeds[i])) for i in fitting.index],
+                           index=fitting.index)
         tied = fitting[fitting.loc[best, "val_accuracy"] - fitting["val_accuracy"] <= margin]
         chosen.append((budget, tied.sort_values(["val_synops_mean", "val_accuracy"],
                                                 ascending=[True, False]).iloc[0]))
     return chosen
-
-
-def _mean_variances(rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """Per row, the variance of its seed mean (sd^2 / seeds) and that variance's share of Welch's
-    denominator (variance^2 / (seeds - 1)); both 0 where the row has no seed repeats."""
-    sd = rows.get("val_accuracy_sd", pd.Series(math.nan, index=rows.index))
-    seeds = rows.get("seeds", pd.Series(1, index=rows.index))
-    repeated = (seeds > 1) & sd.notna()
-    variance = (sd**2 / seeds).where(repeated, 0.0)
-    return variance, (variance**2 / (seeds - 1)).where(repeated, 0.0)
 
 
 # The hypervolume's reference sits this many times (a decade in log SynOps) above the largest SynOps

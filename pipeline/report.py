@@ -27,6 +27,7 @@ from pipeline.front import (
     SNN_COLUMNS,
     BaseRecord,
     Choice,
+    SeedNoise,
     StudyRecord,
     best_within_budgets,
     choose,
@@ -41,6 +42,7 @@ from pipeline.front import (
     older_deployments,
     param_columns,
     parent_run_tags,
+    seed_noise,
     spiking_checks,
     study_counts,
     trials_frame,
@@ -189,6 +191,21 @@ def _spiking_blocks(front: pd.DataFrame, knee: pd.Series) -> list[tuple[str, obj
     return blocks + ([("img", "snn_layers.png")] if knee_checked else [])
 
 
+def _budget_rule(noise: SeedNoise) -> str:
+    """How the budget table chooses, with the training noise it judged by."""
+    rule = ("Chosen on validation among the front members (on their seed means where confirmed): "
+            "within each budget, the fewest SynOps among the members that the seeds cannot tell apart "
+            "from the most accurate one, whatever its variant")
+    if noise.df == 0:
+        return rule + " (no member was repeated with other seeds: only exact ties count)."
+    return (rule + f": the gap within Student's t (95% two-sided, {noise.df} degrees of freedom: "
+            f"t = {noise.t:.2f}) times the standard error of the difference of the two means, "
+            f"from the seed-to-seed sd pooled over every member's repeats ({noise.sd * 100:.3f} "
+            f"points; the noise is the network's and its recipe's, which one member's 2 or 3 seeds "
+            f"estimate too loosely), e.g. {noise.margin(2, 2) * 100:.2f} points between two means "
+            "over 2 seeds.")
+
+
 def _chip_blocks(front: pd.DataFrame, knee: pd.Series, infeasible: dict,
                  older: list[int]) -> list[tuple[str, object]]:
     """Whether the front members run on the study's chip (`[study.constraints] chip` or
@@ -325,12 +342,7 @@ def summary_blocks(study: optuna.Study, record: StudyRecord, frame: pd.DataFrame
         *_noise_blocks(choice, detectable, int(member["val_samples"])),
         *_spiking_blocks(front, member),
         ("h2", "Best accuracy within a SynOps budget"),
-        ("p", "Chosen on validation among the front members (on their seed means where "
-              "confirmed): within each budget, the fewest SynOps among the members that the seeds "
-              "cannot tell apart from the most accurate one (gap within the standard error of the "
-              "difference of the two seed means times Student's t, 95% two-sided, with Welch's "
-              "degrees of freedom: from 2.78 for two means over 3 seeds to 12.71 for 2 seeds against "
-              "a single run, where the normal quantile said 1.96), whatever its variant."),
+        ("p", _budget_rule(seed_noise(choice.candidates))),
         ("table", budget_table(choice.candidates, budgets)),
         *_chip_blocks(front, member, infeasible_trials(study), older_deployments(study)),
         ("h2", "Energy per sample of the knee"),
