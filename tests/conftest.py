@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.inputs import load_inputs
 from pipeline.mnist_files import _write_idx
-from pipeline.services import ServicesError, postgres_bin
+from pipeline.services import Services, ServicesError, postgres_bin, start_services, stop_services
 from pipeline.sweep.space import plan_study
 from pipeline.sweep.storage import prepare_study
 from pipeline.sweep.workers import run_sweep
@@ -108,3 +112,17 @@ def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     args = ["--config", str(EXPERIMENTS / "smoke.toml"), "--storage", storage,
             "--tracking-uri", tracking, *sets]
     return storage, tracking, args
+
+
+@contextlib.contextmanager
+def running_services(prefix: str, **options: object) -> Iterator[Services]:
+    """PostgreSQL and an MLflow server in a fresh folder under /tmp (PostgreSQL, run as `postgres`
+    under root, must be able to enter it), stopped and removed afterwards whatever happened;
+    `options` go to `start_services`."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    try:
+        yield start_services(folder / "services", install=False, echo=lambda line: None, **options)
+    finally:
+        stop_services(folder / "services", echo=lambda line: None)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from pipeline.front import study_bases
 from pipeline.services import Services, start_services, stop_services
-from tests.conftest import EXPERIMENTS, make_idx_dataset, postgres_missing
+from tests.conftest import EXPERIMENTS, make_idx_dataset, postgres_missing, running_services
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRIALS = 6
@@ -41,15 +41,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Services]:
-    """Both servers in a folder under /tmp (PostgreSQL, run as `postgres` under root, must be
-    able to enter it), stopped and removed afterwards whatever happened."""
-    folder = Path(tempfile.mkdtemp(prefix="synops-services-"))
-    folder.chmod(0o755)
-    try:
-        yield start_services(folder / "services", install=False, echo=lambda line: None)
-    finally:
-        stop_services(folder / "services")
-        shutil.rmtree(folder, ignore_errors=True)
+    """Both servers, for the module's tests."""
+    with running_services("synops-services-") as services:
+        yield services
 
 
 def machine_command(services: Services, *command: str) -> list[str]:

@@ -10,11 +10,9 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,13 +34,11 @@ from pipeline.services import (
     free_port,
     restart_mlflow,
     restart_postgres,
-    start_services,
-    stop_services,
 )
 from pipeline.sweep.lease import _key_digest, lease_name
 from pipeline.sweep.workers import run_sweep
 from pipeline.tracking import Tracker
-from tests.conftest import EXPERIMENTS, make_idx_dataset, postgres_missing, smoke_overrides
+from tests.conftest import EXPERIMENTS, make_idx_dataset, postgres_missing, running_services, smoke_overrides
 
 # Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
 # in one process, so the fixture is made once.
@@ -63,16 +59,9 @@ needs_postgres = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Services]:
-    """Both servers in a folder under /tmp (PostgreSQL, run as `postgres` under root, must be
-    able to enter it), stopped and removed afterwards whatever happened."""
-    folder = Path(tempfile.mkdtemp(prefix="synops-faults-"))
-    folder.chmod(0o755)
-    try:
-        yield start_services(folder / "services", mlflow_workers=MLFLOW_WORKERS, install=False,
-                             echo=lambda line: None)
-    finally:
-        stop_services(folder / "services", echo=lambda line: None)
-        shutil.rmtree(folder, ignore_errors=True)
+    """Both servers, for the module's tests."""
+    with running_services("synops-faults-", mlflow_workers=MLFLOW_WORKERS) as services:
+        yield services
 
 
 @pytest.fixture(scope="module")
