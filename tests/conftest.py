@@ -115,6 +115,19 @@ def study_stores(idx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 
 @contextlib.contextmanager
+def server_storage(url: str) -> Iterator[optuna.storages.RDBStorage]:
+    """One Optuna storage, with a small pool, for a test's many reads of a study on a server:
+    `optuna.load_study(storage=url)` opens a new pool per call, and a test polling every 50 ms
+    held 40 of PostgreSQL's 100 connections until its server refused the workers' ones."""
+    storage = optuna.storages.RDBStorage(
+        url, engine_kwargs={"pool_size": 1, "max_overflow": 1, "pool_pre_ping": True})
+    try:
+        yield storage
+    finally:
+        storage.engine.dispose()
+
+
+@contextlib.contextmanager
 def running_services(prefix: str, **options: object) -> Iterator[Services]:
     """PostgreSQL and an MLflow server in a fresh folder under /tmp (PostgreSQL, run as `postgres`
     under root, must be able to enter it), stopped and removed afterwards whatever happened;

@@ -38,7 +38,14 @@ from pipeline.services import (
 from pipeline.sweep.lease import _key_digest, lease_name
 from pipeline.sweep.workers import run_sweep
 from pipeline.tracking import Tracker
-from tests.conftest import EXPERIMENTS, make_idx_dataset, postgres_missing, running_services, smoke_overrides
+from tests.conftest import (
+    EXPERIMENTS,
+    make_idx_dataset,
+    postgres_missing,
+    running_services,
+    server_storage,
+    smoke_overrides,
+)
 
 # Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
 # in one process, so the fixture is made once.
@@ -85,8 +92,10 @@ class Machines:
                         *[f"--set={k}={v}" for k, v in sets.items()]]
         self.folders = [folder / f"machine-{i}" for i in range(WORKERS)]
         self.processes: list[subprocess.Popen] = []
+        self.stack = contextlib.ExitStack()
 
     def __enter__(self) -> Machines:
+        self.storage = self.stack.enter_context(server_storage(self.services.storage_url))
         env = os.environ | {"OMP_NUM_THREADS": "1", "PGPASSFILE": str(self.services.pgpass_file)}
         for folder in self.folders:
             folder.mkdir(parents=True)
@@ -102,6 +111,7 @@ class Machines:
                     process.send_signal(signal.SIGCONT)
                     process.kill()
                 process.wait()
+        self.stack.close()
 
     def output(self) -> str:
         return "\n".join(f"--- {folder.name}\n{(folder / 'sweep.log').read_text()}"
@@ -132,7 +142,7 @@ class Machines:
         raise AssertionError(f"not seen in time: {what}: {self.output()[-8000:]}")
 
     def study(self) -> optuna.Study:
-        return optuna.load_study(study_name=self.name, storage=self.services.storage_url)
+        return optuna.load_study(study_name=self.name, storage=self.storage)
 
 
 def complete(study: optuna.Study) -> int:
