@@ -33,6 +33,7 @@ from tests.conftest import (
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRIALS = 6
+MLFLOW_WORKERS = 1  # the MLflow server's: each one more costs seconds of start-up on two busy cores
 
 
 # Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
@@ -48,7 +49,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Services]:
     """Both servers, for the module's tests."""
-    with running_services("synops-services-") as services:
+    with running_services("synops-services-", mlflow_workers=MLFLOW_WORKERS) as services:
         yield services
 
 
@@ -158,10 +159,12 @@ def test_services_start_from_a_relative_folder_and_restart_with_the_same_urls(
     parent.chmod(0o755)
     monkeypatch.chdir(parent)
     try:
-        first = start_services(Path(".services"), install=False, echo=lambda line: None)
+        first = start_services(Path(".services"), install=False, echo=lambda line: None,
+                               mlflow_workers=MLFLOW_WORKERS)
         optuna.create_study(study_name="kept", storage=first.storage_url)
         assert stop_services(Path(".services"))
-        again = start_services(Path(".services"), install=False, echo=lambda line: None)
+        again = start_services(Path(".services"), install=False, echo=lambda line: None,
+                               mlflow_workers=MLFLOW_WORKERS)
         assert (again.storage_url, again.tracking_uri) == (first.storage_url, first.tracking_uri)
         assert optuna.load_study(study_name="kept", storage=again.storage_url)
         assert (parent / ".services" / "services.json").stat().st_mode & 0o077 == 0

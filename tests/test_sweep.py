@@ -494,3 +494,15 @@ def test_a_trial_dominated_by_far_after_an_epoch_is_pruned_and_counts_towards_th
     assert len(run.data.metrics.get("epoch_val_accuracy") and
                MlflowClient(stores.tracking).get_metric_history(run.info.run_id, "epoch_val_accuracy")) == 1
     assert "trial   1 pruned: spikes_per_pixel=255" in workers.trial_line(second)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and two cores to pin a process to one of them")
+def test_a_sweep_pinned_to_one_core_computes_on_one_thread() -> None:
+    """`taskset -c 0 synops sweep` (or a container's cpuset) must not start a thread per core of
+    the machine: two threads on one core run slower than one."""
+    core = min(os.sched_getaffinity(0))
+    code = (f"import os; os.sched_setaffinity(0, {{{core}}}); "
+            "from pipeline.sweep.workers import usable_cores; print(usable_cores())")
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert pinned.stdout.strip() == "1"

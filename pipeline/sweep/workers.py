@@ -339,7 +339,7 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
         config, prepared, inputs, worker_training(config, prepared, tracker, progress, line)))
     try:
         if workers == 1:
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            torch.set_num_threads(usable_cores())
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             run_worker(config, prepared, bases(), on_trial=report, progress=progress, echo=line)
         else:
@@ -367,6 +367,14 @@ def run_sweep(config: ExperimentConfig, storage_url: str, tracking_uri: str, wor
     return study
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (`taskset`, a container's cpuset), not
+    every core of the machine, which `os.cpu_count()` counts; threads beyond them only contend."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def _close_parent_unless_others_run(prepared: PreparedStudy, tracker: Tracker, status: str) -> None:
     """Close the study's parent run, unless workers elsewhere still run trials of it: the last
     worker to stop closes it (this worker's own trials are all finished by now)."""
@@ -378,7 +386,7 @@ def _close_parent_unless_others_run(prepared: PreparedStudy, tracker: Tracker, s
 def _run_processes(config: ExperimentConfig, storage_url: str, tracking_uri: str, workers: int,
                    study: optuna.Study, report: Callable[[FrozenTrial], None]) -> None:
     """Start worker processes and print their trials as they finish, by polling the storage."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)
     already = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker_process,
