@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 
 import mlflow
@@ -9,12 +11,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from sinabs.hooks import register_synops_hooks
 
 from pipeline.cli import main
 from pipeline.config import TrainConfig, load_config
-from pipeline.data import load_dataset
+from pipeline.data import batches, load_dataset
 from pipeline.evaluate import evaluate
 from pipeline.model import build_model
+from pipeline.synops import SynOpsCounter
 from pipeline.train import DivergedError, synops_penalty, train
 from tests.conftest import EXPERIMENTS, smoke_overrides
 
@@ -139,3 +143,38 @@ def test_a_truncated_base_checkpoint_is_retrained_and_the_old_run_marked(
     assert roles[base.info.run_id] == "base-unusable"
     assert sorted(roles.values()) == ["base", "base-unusable", "train", "train"]
     assert "unreadable" in client.get_run(base.info.run_id).data.tags["synops.unusable_reason"]
+
+
+def test_the_default_fast_path_counts_a_trained_net_as_the_plain_float32_reference(idx_root: Path) -> None:
+    """What every run uses by default (channels-last layers, uint8 batches made float, our
+    counter, batches of 1000) against the plainest exact path: the same trained weights in
+    PyTorch's default layout, one float32 sample at a time, counted by sinabs' own hooks. Every
+    test sample's SynOps must agree, and the accuracy within one standard error."""
+    config = smoke_config(idx_root, **{"model.args.channels": [16, 32, 120]})  # the default net
+    data = load_dataset(config.data)
+    model = build_model(config.model, (1, 28, 28), 10)
+    train(model, data, TrainConfig(epochs=4, batch_size=64, lr=1e-3), progress=False)
+    fast = evaluate(model, data.test)
+
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    register_synops_hooks(plain)
+    counts, hits = [], 0
+    with torch.no_grad():
+        for image, label in zip(data.test.images, data.test.labels, strict=True):
+            logits = plain(image[None].to(torch.float32).contiguous())
+            counts.append(float(plain.hook_data["total_synops_per_timestep"]))
+            hits += int(logits.argmax(1).item() == label.item())
+    reference_accuracy = hits / len(counts)
+
+    fast_counts = []
+    with torch.no_grad(), SynOpsCounter(model) as counter:  # per sample, in the fast path's batches
+        for images, _ in batches(data.test, 1000):
+            model(images)
+            fast_counts.append(counter.per_sample.double())
+    assert plain[0].weight.is_contiguous() and model[0].weight.is_contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(torch.cat(fast_counts), torch.tensor(counts, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    assert fast.synops_mean == pytest.approx(sum(counts) / len(counts), rel=1e-6)
+    standard_error = math.sqrt(reference_accuracy * (1 - reference_accuracy) / len(counts))
+    assert reference_accuracy > 0.9 and abs(fast.accuracy - reference_accuracy) <= standard_error
