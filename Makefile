@@ -11,7 +11,7 @@ STORAGE ?= sqlite:///mlruns/optuna.db
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import pipeline, torch, torchvision, mlflow, optuna, sinabs, psycopg"
 	touch $(STAMP)
 
