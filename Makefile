@@ -9,9 +9,12 @@ STORAGE ?= sqlite:///mlruns/optuna.db
 
 .PHONY: install test test-quick lint data train sweep report snn deploy bench ui dashboard services services-stop clean
 
+# Packages are byte-compiled on every core (pip compiles on one): where PYTHONDONTWRITEBYTECODE is
+# set, no process would write what it compiles. Files that do not compile (templates) are skipped.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	$(BIN)/python -c "import pipeline, torch, torchvision, mlflow, optuna, sinabs, psycopg"
 	touch $(STAMP)
 
