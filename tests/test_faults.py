@@ -36,6 +36,7 @@ from pipeline.services import (
     restart_postgres,
 )
 from pipeline.sweep.lease import _key_digest, lease_name
+from pipeline.sweep.storage import open_storage
 from pipeline.sweep.workers import run_sweep
 from pipeline.tracking import Tracker
 from tests.conftest import (
@@ -52,7 +53,9 @@ from tests.conftest import (
 pytestmark = pytest.mark.xdist_group(__name__)
 
 N_TRIALS = 6
-HEARTBEAT, GRACE = 1, 3  # seconds: study.heartbeat_interval and study.grace_period of the workers
+HEARTBEAT, GRACE = 1, 5  # seconds: study.heartbeat_interval and study.grace_period of the workers;
+# a worker waiting for a restarted server reconnects within 2 s, its heartbeat then due: 5 s leaves
+# room for two busy cores
 PAUSE = 2 * GRACE  # a paused lease holder stays stopped this long
 DOWNTIME = 2  # seconds each server stays down
 WORKERS = 3
@@ -304,6 +307,38 @@ def test_a_full_artifact_store_fails_the_trial_with_its_reason_and_the_study_goe
         assert "No space left on device" in run.data.tags["synops.failure_reason"]
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_a_worker_that_saw_no_outage_takes_no_trial_for_dead_while_the_database_restarted(
+    servers: Services,
+) -> None:
+    """A running trial's heartbeat is held up for longer than the grace period by a PostgreSQL
+    restart. A worker that connects only after the restart (it saw no outage) must not fail that
+    trial while the server has been up for less than the grace period: its worker had no chance to
+    heartbeat. Once that has passed with no heartbeat, the trial is dead and is failed."""
+    grace = GRACE
+    config = load_config(EXPERIMENTS / "smoke.toml", {"name": "faults-fresh-eyes",
+                                                      "study.heartbeat_interval": 1,
+                                                      "study.grace_period": grace})
+    holder = open_storage(servers.storage_url, config)
+    study = optuna.create_study(study_name=config.name, storage=holder, directions=["maximize", "minimize"])
+    trial = study.ask()
+    holder.record_heartbeat(trial._trial_id)
+    holder.engine.dispose()  # the holder falls silent, as a worker cut off by the restart
+    restart_postgres(Path(servers.folder), downtime=grace + 1, echo=lambda line: None)
+
+    fresh = open_storage(servers.storage_url, config)
+    try:
+        seen = optuna.load_study(study_name=config.name, storage=fresh)
+        optuna.storages.fail_stale_trials(seen)
+        assert seen.get_trials(deepcopy=False)[0].state == TrialState.RUNNING
+        time.sleep(grace + 1)
+        optuna.storages.fail_stale_trials(seen)
+        assert seen.get_trials(deepcopy=False)[0].state == TrialState.FAIL
+    finally:
+        fresh.engine.dispose()
 
 
 def test_a_database_that_stays_down_is_waited_for_then_named_without_its_password() -> None:

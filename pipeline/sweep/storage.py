@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
@@ -135,7 +137,10 @@ class ReconnectingStorage(_RepeatingStorage):
     or find its trial already finished): their error reaches the caller (`run_worker` reads the
     trial back). New connections wait for a server that is still down (`server_wait`, set by
     `open_storage`). For `grace_period` after the server came back, no trial is taken for dead:
-    the heartbeats of live workers, held up by the same outage, are not all in yet."""
+    the heartbeats of live workers, held up by the same outage, are not all in yet. "Came back"
+    is what this worker saw, or, for PostgreSQL, the server's own start time on its own clock: a
+    worker that saw no outage (it was idle, or connected after it) would otherwise fail the trials
+    of every worker that could not heartbeat while the server was down."""
 
     server_wait: ServerWait | None = None
 
@@ -143,7 +148,18 @@ class ReconnectingStorage(_RepeatingStorage):
         grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
         if self.server_wait is not None and self.server_wait.back_within(grace):
             return []
+        if self._server_up_for() < grace:
+            return []
         return super()._get_stale_trial_ids(study_id)
+
+    def _server_up_for(self) -> float:
+        """Seconds since the database server started, by its own clock (PostgreSQL; infinite for
+        other databases, which say nothing of it)."""
+        if self.engine.dialect.name != "postgresql":
+            return math.inf
+        with self.engine.connect() as connection:
+            return float(connection.execute(sqlalchemy.text(
+                "SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())")).scalar_one())
 
 
 def open_storage(url: str, config: ExperimentConfig) -> optuna.storages.RDBStorage:
