@@ -6,11 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from pipeline.front import study_bases
-from pipeline.services import Services, start_services, stop_services
+from pipeline.services import Services
 from tests.conftest import (
     EXPERIMENTS,
     make_idx_dataset,
@@ -154,26 +152,3 @@ def test_three_machines_started_together_share_one_study_one_base_and_one_parent
         assert (reader / "report" / name).is_file()
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/index.html" in logged  # written back through the server's artifact proxy
-
-
-def test_services_start_from_a_relative_folder_and_restart_with_the_same_urls(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`make services` passes `.services`: PostgreSQL resolves relative paths from its own data
-    folder, so the services must not hand it any; a restart keeps ports, password and data."""
-    parent = Path(tempfile.mkdtemp(prefix="synops-services-"))
-    parent.chmod(0o755)
-    monkeypatch.chdir(parent)
-    try:
-        first = start_services(Path(".services"), install=False, echo=lambda line: None,
-                               mlflow_workers=MLFLOW_WORKERS)
-        optuna.create_study(study_name="kept", storage=first.storage_url)
-        assert stop_services(Path(".services"))
-        again = start_services(Path(".services"), install=False, echo=lambda line: None,
-                               mlflow_workers=MLFLOW_WORKERS)
-        assert (again.storage_url, again.tracking_uri) == (first.storage_url, first.tracking_uri)
-        assert optuna.load_study(study_name="kept", storage=again.storage_url)
-        assert (parent / ".services" / "services.json").stat().st_mode & 0o077 == 0
-    finally:
-        stop_services(Path(".services"))
-        shutil.rmtree(parent, ignore_errors=True)

@@ -13,13 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.services import STATE_FILE, load_services, stop_services
-from tests.conftest import EXPERIMENTS, postgres_missing, smoke_overrides
+from tests.conftest import EXPERIMENTS, postgres_missing, server_storage, smoke_overrides
 
 
 def _ps() -> str:
@@ -53,19 +54,25 @@ def test_stop_never_signals_a_process_the_services_did_not_start(tmp_path: Path)
 
 @pytest.mark.slow
 @pytest.mark.skipif(postgres_missing() is not None, reason="PostgreSQL is not installed here")
-def test_the_password_is_in_no_command_line_output_or_store(idx_root: Path, tmp_path: Path) -> None:
-    """Services started in a folder of the user's (its mode kept), a sweep on another "machine"
-    given only the password-free URL and the pgpass file, then the sweep's and the services'
-    traces searched for the password."""
+def test_the_password_is_in_no_command_line_output_or_store_and_a_restart_keeps_it_all(
+        idx_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Services started in a folder of the user's, named relative to the working directory as
+    `make services` names `.services` (PostgreSQL resolves relative paths from its own data
+    folder, so the services must hand it none), the folder's mode kept; a sweep on another
+    "machine" given only the password-free URL and the pgpass file, then the sweep's and the
+    services' traces searched for the password; stopped and started again: the same URLs, the
+    study still there, the password in no output."""
     parent = Path(tempfile.mkdtemp(prefix="synops-services-"))  # PostgreSQL (as `postgres`) enters it
     parent.chmod(0o755)
+    monkeypatch.chdir(parent)
     folder = parent / "mine"
     folder.mkdir()
     folder.chmod(0o751)  # the user's own choice: enterable by `postgres`, not listable
     try:
-        started = CliRunner().invoke(main, ["services", "start", "--dir", str(folder)])
+        started = CliRunner().invoke(main, ["services", "start", "--dir", "mine"])
         assert started.exit_code == 0, started.output
-        password = load_services(folder).password
+        first = load_services(folder)
+        password = first.password
         assert (folder.stat().st_mode & 0o777) == 0o751  # never chmod a folder we did not create
         pgpass = folder / "services.pgpass"
         assert (pgpass.stat().st_mode & 0o777) == 0o600
@@ -112,9 +119,19 @@ def test_the_password_is_in_no_command_line_output_or_store(idx_root: Path, tmp_
             assert password.encode() not in path.read_bytes(), path
         assert password not in output + again.output
 
-        stopped = CliRunner().invoke(main, ["services", "stop", "--dir", str(folder)])
+        stopped = CliRunner().invoke(main, ["services", "stop", "--dir", "mine"])
         assert stopped.exit_code == 0 and "services stopped" in stopped.output, stopped.output
         assert not (folder / "postgres" / "postmaster.pid").exists()
+
+        restarted = CliRunner().invoke(main, ["services", "start", "--dir", "mine"])
+        assert restarted.exit_code == 0, restarted.output
+        again = load_services(folder)
+        assert (again.storage_url, again.tracking_uri, again.password) == (
+            first.storage_url, first.tracking_uri, password)
+        assert password not in restarted.output
+        with server_storage(secret_url) as kept:  # its data kept
+            assert optuna.load_study(study_name="smoke", storage=kept).trials
+        assert (folder / STATE_FILE).stat().st_mode & 0o077 == 0
     finally:
         stop_services(folder)
         shutil.rmtree(parent, ignore_errors=True)
