@@ -6,7 +6,8 @@ the time a study takes to its first point, and what bfloat16 would change.
     per-sample `ToTensor() * 255`, 4 workers, sinabs' layers and `register_synops_hooks`.
     Both train the same architecture with the same penalty; runs alternate; the median of
     the per-round ratios is reported.
-(b) Our training step with the SynOps counter and penalty vs the same step without either.
+(b) Our training step with the SynOps counter and penalty vs the same step without either,
+    `COUNTER_REPEATS` times a round.
 (c) The first point: `synops sweep` of the default study (in temporary stores) from its start to
     its first searched trial finished, which is on the front as the study's first point.
 (d) bfloat16: the training step under CPU autocast to bfloat16 against float32 (same weights,
@@ -20,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import itertools
 import json
 import platform
 import statistics
@@ -39,18 +41,26 @@ from pipeline.model import build_model
 from pipeline.synops import SynOpsCounter
 from pipeline.train import synops_penalty, train
 
+# Counter comparisons per round: a step takes milliseconds and its ratio is the noisiest figure on a
+# shared machine (5 rounds of one comparison each read 1.089 where 6 of the same read 1.006).
+COUNTER_REPEATS = 3
+
 
 @dataclass(frozen=True)
 class BenchResult:
-    """Median figures over `rounds` alternating rounds (seconds are medians too)."""
+    """Median figures over `rounds` alternating rounds (seconds are medians too); each ratio also
+    with the lowest and highest of its per-round values, to show how far it can be trusted."""
 
     speedup_vs_tutorial_loop: float
+    speedup_range: tuple[float, float]
     synops_overhead: float
+    synops_overhead_range: tuple[float, float]
     tutorial_epoch_seconds: float
     our_epoch_seconds: float
     step_ms_with_counter: float
     step_ms_without_counter: float
     bfloat16_step_speedup: float  # float32 step time / bfloat16 step time
+    bfloat16_step_speedup_range: tuple[float, float]
     bfloat16_equal_synops: float  # share of test samples whose SynOps count bfloat16 leaves unchanged
     bfloat16_synops_change: float  # relative change of the mean test SynOps under bfloat16
     bfloat16_accuracy_change: float  # points
@@ -88,9 +98,9 @@ def tutorial_epoch_seconds(root: str, config: TrainConfig) -> tuple[float, int]:
     register_synops_hooks(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     started = time.perf_counter()
-    loader = DataLoader(mnist, batch_size=config.batch_size, shuffle=True, num_workers=4)
     with warnings.catch_warnings():  # torch warns that 4 workers exceed 2 cores: that is the point
         warnings.simplefilter("ignore", UserWarning)
+        loader = DataLoader(mnist, batch_size=config.batch_size, shuffle=True, num_workers=4)
         for images, labels in loader:
             logits = model(images)
             optimizer.zero_grad()
@@ -153,7 +163,8 @@ def step_seconds(config: ExperimentConfig, dataset: Dataset, counted: bool, step
     model = build_model(config.model, dataset.input_shape, dataset.num_classes)
     start = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    data = list(batches(dataset.train, config.train.batch_size, torch.Generator().manual_seed(0)))
+    data = list(itertools.islice(
+        batches(dataset.train, config.train.batch_size, torch.Generator().manual_seed(0)), steps + 2))
     timed = 0.0
     with SynOpsCounter(model) if counted else contextlib.nullcontext() as counter:
         for i in range(steps + 2):  # the first two steps warm up allocators and fan-out caches
@@ -176,8 +187,9 @@ def step_seconds(config: ExperimentConfig, dataset: Dataset, counted: bool, step
 def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40,
               study_config: ExperimentConfig | None = None) -> BenchResult:
     """Alternate the loops `rounds` times and return the medians. The speedup compares time per
-    training sample, since our epoch holds the validation split out of the 60k images. With
-    `study_config`, also the time to its study's first point."""
+    training sample, since our epoch holds the validation split out of the 60k images. The
+    counter's overhead is compared `COUNTER_REPEATS` times a round. With `study_config`, also the
+    time to its study's first point."""
     dataset = load_dataset(config.data)
     tutorial, ours, speedups, with_counter, without, float32, bfloat16 = [], [], [], [], [], [], []
     for _ in range(rounds):
@@ -186,20 +198,26 @@ def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40,
         tutorial.append(tutorial_s)
         ours.append(our_s)
         speedups.append((tutorial_s / tutorial_n) / (our_s / our_n))
-        for counted in (True, False) if len(with_counter) % 2 else (False, True):  # alternate order
-            (with_counter if counted else without).append(step_seconds(config, dataset, counted, steps))
+        for _ in range(COUNTER_REPEATS):
+            for counted in (True, False) if len(with_counter) % 2 else (False, True):  # alternate order
+                (with_counter if counted else without).append(step_seconds(config, dataset, counted, steps))
         for reduced in (True, False) if len(float32) % 2 else (False, True):
             (bfloat16 if reduced else float32).append(step_seconds(config, dataset, True, steps, reduced))
     exact, exact_accuracy = per_sample_synops(trained, dataset.test, bfloat16=False)
     reduced, reduced_accuracy = per_sample_synops(trained, dataset.test, bfloat16=True)
+    overheads = [w / n for w, n in zip(with_counter, without, strict=True)]
+    bfloat16_speedups = [f / b for f, b in zip(float32, bfloat16, strict=True)]
     return BenchResult(
         speedup_vs_tutorial_loop=statistics.median(speedups),
-        synops_overhead=statistics.median(w / n for w, n in zip(with_counter, without, strict=True)),
+        speedup_range=(min(speedups), max(speedups)),
+        synops_overhead=statistics.median(overheads),
+        synops_overhead_range=(min(overheads), max(overheads)),
         tutorial_epoch_seconds=statistics.median(tutorial),
         our_epoch_seconds=statistics.median(ours),
         step_ms_with_counter=statistics.median(with_counter) * 1e3,
         step_ms_without_counter=statistics.median(without) * 1e3,
-        bfloat16_step_speedup=statistics.median(f / b for f, b in zip(float32, bfloat16, strict=True)),
+        bfloat16_step_speedup=statistics.median(bfloat16_speedups),
+        bfloat16_step_speedup_range=(min(bfloat16_speedups), max(bfloat16_speedups)),
         bfloat16_equal_synops=float((exact == reduced).double().mean()),
         bfloat16_synops_change=float(reduced.mean() / exact.mean() - 1),
         bfloat16_accuracy_change=(reduced_accuracy - exact_accuracy) * 100,

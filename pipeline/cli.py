@@ -225,17 +225,24 @@ def bench(config_path: str, assignments: tuple[str, ...], rounds: int, study_pat
     click.echo(
         f"epoch: tutorial loop {result.tutorial_epoch_seconds:.1f} s, ours "
         f"{result.our_epoch_seconds:.1f} s -> speedup {result.speedup_vs_tutorial_loop:.2f}x "
-        f"(per training sample, median of {result.rounds})\n"
+        f"(per training sample, median of {result.rounds}; rounds {_span(result.speedup_range)})\n"
         f"step (batch {result.batch_size}): {result.step_ms_with_counter:.1f} ms with the SynOps "
         f"counter, {result.step_ms_without_counter:.1f} ms without -> overhead "
-        f"{result.synops_overhead:.3f}\n"
-        f"bfloat16 autocast: step {result.bfloat16_step_speedup:.2f}x faster; on a trained network "
+        f"{result.synops_overhead:.3f} (comparisons {_span(result.synops_overhead_range, 3)})\n"
+        f"bfloat16 autocast: step {result.bfloat16_step_speedup:.2f}x faster "
+        f"(rounds {_span(result.bfloat16_step_speedup_range)}); on a trained network "
         f"{result.bfloat16_equal_synops:.1%} of test samples keep their SynOps count, mean SynOps "
         f"{result.bfloat16_synops_change:+.2%}, accuracy {result.bfloat16_accuracy_change:+.2f} points\n"
         + (f"first point of {study_path}: {result.first_point_seconds:.0f} s after `synops sweep` "
            "started\n" if result.first_point_seconds is not None else "")
         + f"torch {result.torch_version}, {result.machine}"
     )
+
+
+def _span(low_high: tuple[float, float], digits: int = 2) -> str:
+    """A measured range, as "low..high"."""
+    low, high = low_high
+    return f"{low:.{digits}f}..{high:.{digits}f}"
 
 
 @main.command("bench-workers")
