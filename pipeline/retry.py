@@ -66,6 +66,18 @@ def connection_lost(err: BaseException) -> bool:
     return False
 
 
+def ended_while_opened(context: sqlalchemy.engine.ExceptionContext) -> None:
+    """SQLAlchemy's `handle_error` hook: the driver's OperationalError raised before any
+    connection was handed out is a disconnect. The driver had connected (a refusal is waited for
+    in `ServerWait`), then the server ended the session while SQLAlchemy set it up: a server
+    shutting down for a restart does that. Nothing ran on it, so the operation can run on a new
+    one; SQLAlchemy, which flags disconnects only on connections it has handed out, would
+    otherwise report a plain error that `connection_lost` cannot tell from a failed query."""
+    if context.connection is None and isinstance(context.original_exception,
+                                                  context.dialect.loaded_dbapi.OperationalError):
+        context.is_disconnect = True
+
+
 class ServerWait:
     """Makes an engine's new connections wait for a database server that refuses them.
 
@@ -92,8 +104,11 @@ class ServerWait:
         return back_at is not None and time.monotonic() - back_at < seconds
 
     def attach(self, engine: sqlalchemy.Engine) -> sqlalchemy.Engine:
-        """Hook this wait into `engine`'s connections (from now on); returns the engine."""
+        """Hook this wait into `engine`'s connections (from now on); returns the engine. A session
+        the server ends while SQLAlchemy sets it up counts as a lost connection too
+        (`ended_while_opened`)."""
         sqlalchemy.event.listen(engine, "do_connect", self._connect)
+        sqlalchemy.event.listen(engine, "handle_error", ended_while_opened)
         return engine
 
     def _connect(self, dialect: Any, record: Any, cargs: tuple, cparams: dict) -> Any:

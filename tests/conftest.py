@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import psycopg
 import pytest
+import sqlalchemy
 import torch
 
 from pipeline.config import load_config
@@ -125,6 +127,28 @@ def server_storage(url: str) -> Iterator[optuna.storages.RDBStorage]:
         yield storage
     finally:
         storage.engine.dispose()
+
+
+@contextlib.contextmanager
+def next_session_ended(event: str) -> Iterator[list[str]]:
+    """The next database session any engine opens is ended by the server right after the driver
+    connected, in SQLAlchemy's pool `event` (`first_connect`: while it reads the server's types,
+    `connect`: while it sets the session up), as a PostgreSQL shutting down for a restart can end
+    it. Yields the events that ended one."""
+    ended: list[str] = []
+
+    def end_the_session(dbapi_connection: psycopg.Connection, record: object) -> None:
+        if ended:
+            return
+        ended.append(event)
+        with contextlib.suppress(psycopg.errors.AdminShutdown):  # the server ends it at once
+            dbapi_connection.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, event, end_the_session)
+    try:
+        yield ended
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, event, end_the_session)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from pipeline.tracking import Tracker
 from tests.conftest import (
     EXPERIMENTS,
     make_idx_dataset,
+    next_session_ended,
     postgres_missing,
     running_services,
     server_storage,
@@ -339,6 +340,25 @@ def test_a_worker_that_saw_no_outage_takes_no_trial_for_dead_while_the_database_
         assert seen.get_trials(deepcopy=False)[0].state == TrialState.FAIL
     finally:
         fresh.engine.dispose()
+
+
+@needs_postgres
+def test_a_session_the_server_ends_while_it_is_opened_costs_the_storage_nothing(
+    servers: Services,
+) -> None:
+    """A PostgreSQL shutting down for a restart can end a new session right after the driver
+    connected, while SQLAlchemy sets it up: the storage takes that as the lost connection it is,
+    and a harmless operation runs again on a new session (seen first on a lease, whose worker
+    died of it)."""
+    storage = open_storage(servers.storage_url, load_config(EXPERIMENTS / "smoke.toml"))
+    try:
+        before = storage.get_all_studies()
+        storage.engine.dispose()  # the next operation opens a new session
+        with next_session_ended("connect") as ended:
+            assert storage.get_all_studies() == before
+    finally:
+        storage.engine.dispose()
+    assert ended == ["connect"]
 
 
 def test_a_database_that_stays_down_is_waited_for_then_named_without_its_password() -> None:

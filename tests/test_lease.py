@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-import psycopg
 import pytest
 import sqlalchemy
 
@@ -37,7 +36,7 @@ from pipeline.sweep.lease import (
     lease,
     lease_name,
 )
-from tests.conftest import postgres_missing
+from tests.conftest import next_session_ended, postgres_missing
 from tests.lease_worker import URL_VARIABLE
 
 # Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
@@ -189,30 +188,16 @@ def test_a_holder_whose_database_session_ended_cannot_record(postgres_url: str, 
     assert sqlalchemy.engine.make_url(postgres_url).password not in str(lost.value)
 
 
-@pytest.mark.parametrize("ended_during", ["connect", "setup"])
+@pytest.mark.parametrize("event", ["first_connect", "connect"])
 def test_a_session_the_server_ends_before_the_lock_is_asked_for_is_opened_again(
-        postgres_url: str, name: str, ended_during: str) -> None:
+        postgres_url: str, name: str, event: str) -> None:
     """A PostgreSQL shutting down (a restart) can end a waiting worker's new session right after
-    it connected: while SQLAlchemy reads the server's types on the first connection, or while
-    it sets the new session up. Nothing is held on it yet: the worker connects again and takes
-    the lease, no traceback (seen on a fresh clone: a worker died in `claim_worker_number`)."""
-    ended: list[str] = []
-
-    def end_the_session(dbapi_connection: object, record: object) -> None:
-        if ended:
-            return
-        ended.append(ended_during)
-        with contextlib.suppress(psycopg.errors.AdminShutdown):  # the server ends it at once
-            dbapi_connection.execute("SELECT pg_terminate_backend(pg_backend_pid())")
-
-    event = "first_connect" if ended_during == "connect" else "connect"
-    sqlalchemy.event.listen(sqlalchemy.engine.Engine, event, end_the_session)
-    try:
-        with lease(postgres_url, name, timeout=PROMPT_SECONDS) as held:
-            held.verify()
-    finally:
-        sqlalchemy.event.remove(sqlalchemy.engine.Engine, event, end_the_session)
-    assert ended == [ended_during]
+    it connected, while SQLAlchemy sets it up. Nothing is held on it yet: the worker connects
+    again and takes the lease, no traceback (seen on a fresh clone: a worker died in
+    `claim_worker_number`)."""
+    with next_session_ended(event) as ended, lease(postgres_url, name, timeout=PROMPT_SECONDS) as held:
+        held.verify()
+    assert ended == [event]
 
 
 def test_a_holder_whose_lock_file_was_removed_cannot_record(tmp_path: Path, name: str) -> None:

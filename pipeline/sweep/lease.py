@@ -164,37 +164,20 @@ class _AdvisoryLease(Lease):
         self._ended: str | None = None  # why the session ended, once `verify` found out
 
     def _try_take(self) -> bool:
-        if self._connection is None and not self._open():
-            return False
         try:
+            if self._connection is None:
+                self._connection = self._engine.connect()
+                for setting, value in (SERVER_SETTINGS | {"application_name": holder()}).items():
+                    self._connection.execute(SET_IF_KNOWN, {"name": setting, "value": value})
             return bool(self._connection.execute(TRY_LOCK, {"key": self._key}).scalar())
         except sqlalchemy.exc.DBAPIError as err:
             if not err.connection_invalidated:
                 raise
-            # The server ended this waiting session (a restart): nothing was held on it, so the
-            # next try waits on a new one.
+            # The server ended this session (a restart) while it waited, or while it was being
+            # opened (`ended_while_opened`): nothing was held on it, so the next try waits on a
+            # new one.
             self._close()
             return False
-
-    def _open(self) -> bool:
-        """Open and name this lease's session; False when the server ended it while it was being
-        opened (a server shutting down can accept a connection, then end it while SQLAlchemy
-        sets it up): nothing is held on it, and the next try opens another. (A server that
-        refuses connections is waited for by `ServerWait`.)"""
-        try:
-            connection = self._engine.connect()
-        except sqlalchemy.exc.OperationalError:  # raised after the driver connected: session ended
-            return False
-        try:
-            for setting, value in (SERVER_SETTINGS | {"application_name": holder()}).items():
-                connection.execute(SET_IF_KNOWN, {"name": setting, "value": value})
-        except sqlalchemy.exc.DBAPIError as err:
-            connection.close()
-            if not err.connection_invalidated:
-                raise
-            return False
-        self._connection = connection
-        return True
 
     def verify(self) -> None:
         """Check that this worker still holds the lease: its session is alive and pg_locks shows
