@@ -49,7 +49,8 @@ COUNTER_REPEATS = 3
 @dataclass(frozen=True)
 class BenchResult:
     """Median figures over `rounds` alternating rounds (seconds are medians too); each ratio also
-    with the lowest and highest of its per-round values, to show how far it can be trusted."""
+    with the lowest and highest of its per-round values (the counter's: of its comparisons), to
+    show how far it can be trusted."""
 
     speedup_vs_tutorial_loop: float
     speedup_range: tuple[float, float]

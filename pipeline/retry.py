@@ -6,9 +6,10 @@ an MLflow tracking server restarted. Workers wait for them, bounded, and then st
   restarting, or down), making one waits, with backoff, for up to a bound shared by every
   connection of the engine and counted from the first refusal; within it the caller never sees
   the outage. SQLAlchemy's `pool_pre_ping` already replaces connections the restart killed.
-- An operation whose connection was cut while it ran (the server ended the session under it) is
-  told apart by `connection_lost`, so that it can be repeated where repeating is harmless
-  (`pipeline.sweep.storage`) and handled where it is not (`pipeline.sweep.workers`).
+- An operation whose connection was cut while it ran (the server ended the session under it, or
+  ended it while it was being opened: `ended_while_opened`) is told apart by `connection_lost`,
+  so that it can be repeated where repeating is harmless (`pipeline.sweep.storage`) and handled
+  where it is not (`pipeline.sweep.workers`).
 - MLflow's client retries its own HTTP requests (`pipeline.tracking`).
 
 Hand-written: SQLAlchemy's pre-ping reconnects once and fails at once while the server is down,
@@ -31,6 +32,8 @@ from pipeline.secrets import redact_text, redact_url
 
 FIRST_DELAY = 0.5  # seconds before the second try to connect; doubled after each refusal
 MAX_DELAY = 2.0  # between tries: a server back after a restart is reached within this
+# SQLSTATE classes of a session the server ended: connection exception, operator intervention.
+SESSION_ENDED_SQLSTATES = ("08", "57P")
 
 
 class ServerUnavailableError(PipelineError, RuntimeError):
@@ -72,9 +75,17 @@ def ended_while_opened(context: sqlalchemy.engine.ExceptionContext) -> None:
     in `ServerWait`), then the server ended the session while SQLAlchemy set it up: a server
     shutting down for a restart does that. Nothing ran on it, so the operation can run on a new
     one; SQLAlchemy, which flags disconnects only on connections it has handed out, would
-    otherwise report a plain error that `connection_lost` cannot tell from a failed query."""
-    if context.connection is None and isinstance(context.original_exception,
-                                                  context.dialect.loaded_dbapi.OperationalError):
+    otherwise report a plain error that `connection_lost` cannot tell from a failed query.
+    Only errors that say the session ended count: the driver's own (no SQLSTATE: the connection
+    is lost or closed), SQLSTATE class 08 (connection exception) and 57P (admin or crash
+    shutdown, cannot connect now); a query the server refused (a timeout, a full disk) stays
+    what it is. A failed pre-ping is SQLAlchemy's own business."""
+    error = context.original_exception
+    if context.connection is not None or context.is_pre_ping \
+            or not isinstance(error, context.dialect.loaded_dbapi.OperationalError):
+        return
+    state = getattr(error, "sqlstate", None)
+    if state is None or state.startswith(SESSION_ENDED_SQLSTATES):
         context.is_disconnect = True
 
 

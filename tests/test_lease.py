@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import psycopg
 import pytest
 import sqlalchemy
 
@@ -198,6 +199,25 @@ def test_a_session_the_server_ends_before_the_lock_is_asked_for_is_opened_again(
     with next_session_ended(event) as ended, lease(postgres_url, name, timeout=PROMPT_SECONDS) as held:
         held.verify()
     assert ended == [event]
+
+
+def test_a_query_refused_while_a_session_is_opened_is_an_error_not_a_restart(
+        postgres_url: str, name: str) -> None:
+    """Only a session the server ended counts as one to open again: a query it refused while the
+    session was set up (here a statement timeout) is raised at once, not waited out."""
+    def cancelled(dbapi_connection: psycopg.Connection, record: object) -> None:
+        dbapi_connection.execute("SET statement_timeout = 1")
+        dbapi_connection.execute("SELECT pg_sleep(1)")
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", cancelled)
+    started = time.monotonic()
+    try:
+        with pytest.raises(sqlalchemy.exc.OperationalError, match="statement timeout"), \
+                lease(postgres_url, name, timeout=5 * PROMPT_SECONDS):
+            pass
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "connect", cancelled)
+    assert time.monotonic() - started < PROMPT_SECONDS
 
 
 def test_a_holder_whose_lock_file_was_removed_cannot_record(tmp_path: Path, name: str) -> None:

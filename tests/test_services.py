@@ -125,8 +125,8 @@ def test_the_password_is_in_no_command_line_output_or_store_and_a_restart_keeps_
 
         restarted = CliRunner().invoke(main, ["services", "start", "--dir", "mine"])
         assert restarted.exit_code == 0, restarted.output
-        again = load_services(folder)
-        assert (again.storage_url, again.tracking_uri, again.password) == (
+        second = load_services(folder)
+        assert (second.storage_url, second.tracking_uri, second.password) == (
             first.storage_url, first.tracking_uri, password)
         assert password not in restarted.output
         with server_storage(secret_url) as kept:  # its data kept
