@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -130,11 +130,22 @@ def server_storage(url: str) -> Iterator[optuna.storages.RDBStorage]:
 
 
 @contextlib.contextmanager
+def on_every_new_session(event: str, listener: Callable[[psycopg.Connection, object], None]
+                         ) -> Iterator[None]:
+    """`listener` on SQLAlchemy's pool `event` of every engine, for the block (`first_connect`:
+    while a new session reads the server's types, `connect`: while it is set up)."""
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, event, listener)
+    try:
+        yield
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, event, listener)
+
+
+@contextlib.contextmanager
 def next_session_ended(event: str) -> Iterator[list[str]]:
     """The next database session any engine opens is ended by the server right after the driver
-    connected, in SQLAlchemy's pool `event` (`first_connect`: while it reads the server's types,
-    `connect`: while it sets the session up), as a PostgreSQL shutting down for a restart can end
-    it. Yields the events that ended one."""
+    connected, in SQLAlchemy's pool `event` (`on_every_new_session`), as a PostgreSQL shutting
+    down for a restart can end it. Yields the events that ended one."""
     ended: list[str] = []
 
     def end_the_session(dbapi_connection: psycopg.Connection, record: object) -> None:
@@ -144,11 +155,8 @@ def next_session_ended(event: str) -> Iterator[list[str]]:
         with contextlib.suppress(psycopg.errors.AdminShutdown):  # the server ends it at once
             dbapi_connection.execute("SELECT pg_terminate_backend(pg_backend_pid())")
 
-    sqlalchemy.event.listen(sqlalchemy.engine.Engine, event, end_the_session)
-    try:
+    with on_every_new_session(event, end_the_session):
         yield ended
-    finally:
-        sqlalchemy.event.remove(sqlalchemy.engine.Engine, event, end_the_session)
 
 
 @contextlib.contextmanager

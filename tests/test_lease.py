@@ -37,7 +37,7 @@ from pipeline.sweep.lease import (
     lease,
     lease_name,
 )
-from tests.conftest import next_session_ended, postgres_missing
+from tests.conftest import next_session_ended, on_every_new_session, postgres_missing
 from tests.lease_worker import URL_VARIABLE
 
 # Its tests share a module-scoped fixture: under `make test` (pytest-xdist, --dist loadgroup) they run
@@ -209,14 +209,11 @@ def test_a_query_refused_while_a_session_is_opened_is_an_error_not_a_restart(
         dbapi_connection.execute("SET statement_timeout = 1")
         dbapi_connection.execute("SELECT pg_sleep(1)")
 
-    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", cancelled)
     started = time.monotonic()
-    try:
-        with pytest.raises(sqlalchemy.exc.OperationalError, match="statement timeout"), \
-                lease(postgres_url, name, timeout=5 * PROMPT_SECONDS):
-            pass
-    finally:
-        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "connect", cancelled)
+    with on_every_new_session("connect", cancelled), \
+            pytest.raises(sqlalchemy.exc.OperationalError, match="statement timeout"), \
+            lease(postgres_url, name, timeout=5 * PROMPT_SECONDS):
+        pass
     assert time.monotonic() - started < PROMPT_SECONDS
 
 
