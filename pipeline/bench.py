@@ -5,14 +5,17 @@ the time a study takes to its first point, and what bfloat16 would change.
     counter) against the tutorial's own loop: a DataLoader over torchvision's MNIST with a
     per-sample `ToTensor() * 255`, 4 workers, sinabs' layers and `register_synops_hooks`.
     Both train the same architecture with the same penalty; runs alternate; the median of
-    the per-round ratios is reported.
-(b) Our training step with the SynOps counter and penalty vs the same step without either,
-    `COUNTER_REPEATS` times a round.
+    the per-round ratios is reported. Ours runs in the pipeline's default precision ("auto":
+    bfloat16 training where the CPU has it) and in float32, whatever the config says.
+(b) Our training step with the SynOps counter and penalty vs the same step without either, in the
+    default precision, `COUNTER_REPEATS` times a round.
 (c) The first point: `synops sweep` of the default study (in temporary stores) from its start to
     its first searched trial finished, which is on the front as the study's first point.
 (d) bfloat16: the training step under CPU autocast to bfloat16 against float32 (same weights,
-    alternating), and on a trained network the SynOps counted per test sample with the forward
-    pass in bfloat16 against float32, with the counts' arithmetic in float32 both times.
+    alternating); the test accuracy of the epoch trained in bfloat16 against the one trained in
+    float32 (both evaluated in float32, as every run is); and, to show why evaluation stays in
+    float32, on a trained network the SynOps counted per test sample with the forward pass in
+    bfloat16 against float32, with the counts' arithmetic in float32 both times.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -39,7 +43,7 @@ from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.data import Dataset, Split, batches, load_dataset
 from pipeline.model import build_model
 from pipeline.synops import SynOpsCounter
-from pipeline.train import synops_penalty, train
+from pipeline.train import synops_penalty, train, training_precision
 
 # Counter comparisons per round: a step takes milliseconds and its ratio is the noisiest figure on a
 # shared machine (5 rounds of one comparison each read 1.089 where 6 of the same read 1.006).
@@ -52,16 +56,22 @@ class BenchResult:
     with the lowest and highest of its per-round values (the counter's: of its comparisons), to
     show how far it can be trusted."""
 
-    speedup_vs_tutorial_loop: float
+    speedup_vs_tutorial_loop: float  # in the default precision, `default_precision`
     speedup_range: tuple[float, float]
+    float32_speedup_vs_tutorial_loop: float
+    float32_speedup_range: tuple[float, float]
+    default_precision: str  # what "auto" is on this machine
     synops_overhead: float
     synops_overhead_range: tuple[float, float]
     tutorial_epoch_seconds: float
     our_epoch_seconds: float
+    our_float32_epoch_seconds: float
     step_ms_with_counter: float
     step_ms_without_counter: float
     bfloat16_step_speedup: float  # float32 step time / bfloat16 step time
     bfloat16_step_speedup_range: tuple[float, float]
+    bfloat16_training_accuracy_change: float  # points: test accuracy, one epoch trained in bf16 vs float32
+    accuracy_standard_error: float  # points: of one test accuracy, to judge the change above
     bfloat16_equal_synops: float  # share of test samples whose SynOps count bfloat16 leaves unchanged
     bfloat16_synops_change: float  # relative change of the mean test SynOps under bfloat16
     bfloat16_accuracy_change: float  # points
@@ -112,12 +122,14 @@ def tutorial_epoch_seconds(root: str, config: TrainConfig) -> tuple[float, int]:
     return time.perf_counter() - started, len(mnist)
 
 
-def our_epoch_seconds(config: ExperimentConfig, dataset: Dataset) -> tuple[float, int, nn.Module]:
-    """Wall time of one epoch of `pipeline.train.train` (its validation pass included), the
-    number of training samples it saw, and the network it trained."""
+def our_epoch_seconds(config: ExperimentConfig, dataset: Dataset,
+                      precision: str) -> tuple[float, int, nn.Module]:
+    """Wall time of one epoch of `pipeline.train.train` in `precision` (its validation pass
+    included), the number of training samples it saw, and the network it trained."""
     model = build_model(config.model, dataset.input_shape, dataset.num_classes)
     started = time.perf_counter()
-    train(model, dataset, dataclasses.replace(config.train, epochs=1), progress=False)
+    train(model, dataset, dataclasses.replace(config.train, epochs=1, precision=precision),
+          progress=False)
     return time.perf_counter() - started, len(dataset.train), model
 
 
@@ -192,33 +204,47 @@ def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40,
     counter's overhead is compared `COUNTER_REPEATS` times a round. With `study_config`, also the
     time to its study's first point."""
     dataset = load_dataset(config.data)
-    tutorial, ours, speedups, with_counter, without, float32, bfloat16 = [], [], [], [], [], [], []
+    default = training_precision("auto", "cpu")
+    tutorial, ours, ours_float32, speedups, float32_speedups = [], [], [], [], []
+    with_counter, without, float32, bfloat16 = [], [], [], []
     for _ in range(rounds):
         tutorial_s, tutorial_n = tutorial_epoch_seconds(config.data.root, config.train)
-        our_s, our_n, trained = our_epoch_seconds(config, dataset)
+        epochs = {precision: our_epoch_seconds(config, dataset, precision)  # alternate the order
+                  for precision in dict.fromkeys([default, "float32"][::1 if len(ours) % 2 else -1])}
+        (our_s, our_n, trained), (float32_s, _, trained_float32) = epochs[default], epochs["float32"]
         tutorial.append(tutorial_s)
         ours.append(our_s)
+        ours_float32.append(float32_s)
         speedups.append((tutorial_s / tutorial_n) / (our_s / our_n))
+        float32_speedups.append((tutorial_s / tutorial_n) / (float32_s / our_n))
         for _ in range(COUNTER_REPEATS):
             for counted in (True, False) if len(with_counter) % 2 else (False, True):  # alternate order
-                (with_counter if counted else without).append(step_seconds(config, dataset, counted, steps))
+                (with_counter if counted else without).append(
+                    step_seconds(config, dataset, counted, steps, bfloat16=default == "bfloat16"))
         for reduced in (True, False) if len(float32) % 2 else (False, True):
             (bfloat16 if reduced else float32).append(step_seconds(config, dataset, True, steps, reduced))
     exact, exact_accuracy = per_sample_synops(trained, dataset.test, bfloat16=False)
     reduced, reduced_accuracy = per_sample_synops(trained, dataset.test, bfloat16=True)
+    _, float32_trained_accuracy = per_sample_synops(trained_float32, dataset.test, bfloat16=False)
     overheads = [w / n for w, n in zip(with_counter, without, strict=True)]
     bfloat16_speedups = [f / b for f, b in zip(float32, bfloat16, strict=True)]
     return BenchResult(
         speedup_vs_tutorial_loop=statistics.median(speedups),
         speedup_range=(min(speedups), max(speedups)),
+        float32_speedup_vs_tutorial_loop=statistics.median(float32_speedups),
+        float32_speedup_range=(min(float32_speedups), max(float32_speedups)),
+        default_precision=default,
         synops_overhead=statistics.median(overheads),
         synops_overhead_range=(min(overheads), max(overheads)),
         tutorial_epoch_seconds=statistics.median(tutorial),
         our_epoch_seconds=statistics.median(ours),
+        our_float32_epoch_seconds=statistics.median(ours_float32),
         step_ms_with_counter=statistics.median(with_counter) * 1e3,
         step_ms_without_counter=statistics.median(without) * 1e3,
         bfloat16_step_speedup=statistics.median(bfloat16_speedups),
         bfloat16_step_speedup_range=(min(bfloat16_speedups), max(bfloat16_speedups)),
+        bfloat16_training_accuracy_change=(exact_accuracy - float32_trained_accuracy) * 100,
+        accuracy_standard_error=math.sqrt(exact_accuracy * (1 - exact_accuracy) / len(dataset.test)) * 100,
         bfloat16_equal_synops=float((exact == reduced).double().mean()),
         bfloat16_synops_change=float(reduced.mean() / exact.mean() - 1),
         bfloat16_accuracy_change=(reduced_accuracy - exact_accuracy) * 100,

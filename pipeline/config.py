@@ -31,6 +31,10 @@ from pipeline.errors import ConfigError
 
 PENALTIES = ("none", "mse", "hinge")
 SCHEDULES = ("constant", "cosine", "onecycle")
+# How a training step's forward pass computes: in float32, or its convolutions and matmuls under
+# autocast to bfloat16; "auto" = bfloat16 where the device computes it natively, else float32.
+# Evaluation, and so every reported accuracy and SynOps count, is float32 either way.
+PRECISIONS = ("auto", "float32", "bfloat16")
 # Built-in data sources (`pipeline.sources` loads each) and network factories (`pipeline.model`).
 BUILTIN_SOURCES = ("mnist", "fashion-mnist", "arrays", "image-folder", "events")
 BUILTIN_FACTORIES = ("conv",)
@@ -145,6 +149,7 @@ class TrainConfig:
     seed: int = 1
     max_batches: int = 0
     init_from: str = ""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:
         for key in ("lr", "penalty_weight", "target_synops"):
@@ -154,15 +159,17 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", "must be > 0")
         _require(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
         _require(self.penalty in PENALTIES, "train.penalty", f"must be one of {PENALTIES}")
+        _require(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
         _require(self.penalty_weight >= 0, "train.penalty_weight", "must be >= 0")
         _require(self.target_synops > 0, "train.target_synops", "must be > 0")
         _require(self.max_batches >= 0, "train.max_batches", "must be >= 0 (0 = whole epoch)")
 
 
 # The SynOps tutorial's recipe (seed-synops-tutorial.txt; experiments/seed.toml runs it): from
-# scratch, 2 epochs, constant Adam 1e-3, batch 512, the symmetric `mse` penalty 1e-5 towards 4e7.
+# scratch, 2 epochs, constant Adam 1e-3, batch 512, the symmetric `mse` penalty 1e-5 towards 4e7, in
+# float32 as the tutorial ran.
 TUTORIAL_RECIPE = TrainConfig(epochs=2, batch_size=512, lr=1e-3, schedule="constant", penalty="mse",
-                              penalty_weight=1e-5, target_synops=4e7, seed=1)
+                              penalty_weight=1e-5, target_synops=4e7, seed=1, precision="float32")
 
 
 @dataclass(frozen=True)

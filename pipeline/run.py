@@ -28,7 +28,7 @@ from pipeline.evaluate import Evaluation, energy_per_sample, evaluate  # noqa: E
 from pipeline.interrupt import shielded  # noqa: E402
 from pipeline.model import base_fingerprints, build_model, check_network, model_fingerprint  # noqa: E402
 from pipeline.tracking import TAG_BASE_KEY, TAG_ROLE, Tracker, TrackingError  # noqa: E402
-from pipeline.train import EpochStats, TrainHistory, TrainingCut, train  # noqa: E402
+from pipeline.train import EpochStats, TrainHistory, TrainingCut, train, training_precision  # noqa: E402
 
 EVALUATION_ARTIFACT = "evaluation.json"
 BASE_UNUSABLE_ROLE = "base-unusable"  # a cached base model whose artifacts cannot be read
@@ -104,7 +104,8 @@ def run_tracked(
     try:
         if on_start is not None:
             on_start(run.run_id)
-        run.log_params(run_params(config) | dict(extra_params or {}))
+        used = training_precision(config.train.precision, config.device)
+        run.log_params(run_params(config) | {"train.precision_used": used} | dict(extra_params or {}))
         run.log_text(config.to_toml(), "config.toml")
         model = build_model(config.model, dataset.input_shape, dataset.num_classes).to(config.device)
         if init_state is not None:

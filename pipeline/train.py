@@ -105,6 +105,21 @@ def _scheduler(
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
 
 
+def training_precision(precision: str, device: torch.device | str) -> str:
+    """What `train.precision` means on `device`: "auto" is "bfloat16" where the device computes
+    it natively (a CPU with AVX-512 bf16 or AMX, a CUDA GPU that supports it), else "float32"
+    (emulated bfloat16 would be slower than float32)."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:  # PyTorch has no public query of the CPU's bfloat16 instructions; torch.cpu's are used
+        native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
+                                           or torch.cpu._is_amx_tile_supported())
+    return "bfloat16" if native else "float32"
+
+
 def steps_per_epoch(train_size: int, config: TrainConfig) -> int:
     steps = math.ceil(train_size / config.batch_size)
     return min(steps, config.max_batches) if config.max_batches else steps
@@ -120,11 +135,14 @@ def train(
 ) -> TrainHistory:
     """Train `model` in place on `dataset.train` and return its history.
 
-    `dataset` must already be on the model's device. Raises `DivergedError` as soon as the loss
-    is NaN or infinite, so the caller can record the failure instead of a meaningless model, and
-    `TrainingStopped` before the first step after `should_stop()` turns true.
+    `dataset` must already be on the model's device. The training forward passes run in
+    `training_precision(config.precision, ...)`, the validation after each epoch in float32.
+    Raises `DivergedError` as soon as the loss is NaN or infinite, so the caller can record the
+    failure instead of a meaningless model, and `TrainingStopped` before the first step after
+    `should_stop()` turns true.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    reduced = training_precision(config.precision, dataset.train.images.device) == "bfloat16"
     per_epoch = steps_per_epoch(len(dataset.train), config)
     scheduler = _scheduler(optimizer, config, per_epoch * config.epochs)
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -144,9 +162,13 @@ def train(
             for step, (images, labels) in enumerate(bar):
                 if should_stop():
                     raise TrainingStopped(f"stop requested at epoch {epoch}, step {step + 1}")
-                logits = model(images)
+                # Under bfloat16 the forward pass (its convolutions and matmuls) is approximate; the
+                # counter counts in float32 and `evaluate` runs in float32, so every reported count
+                # and accuracy is exact.
+                with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=reduced):
+                    logits = model(images)
                 synops = counter.total
-                task_loss = F.cross_entropy(logits, labels)
+                task_loss = F.cross_entropy(logits.float(), labels)
                 penalty = synops_penalty(synops, config)
                 loss = task_loss + penalty
                 task_value, penalty_value, hits, synops_value = torch.stack(

@@ -27,6 +27,7 @@ from pipeline.sweep.workers import run_sweep
 from pipeline.tracking import Tracker
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+DATA_ROOT = Path(__file__).resolve().parent.parent / "data"  # where `synops data` puts real MNIST
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -65,6 +66,20 @@ def make_idx_dataset(root: Path, train: int = 600, test: int = 200, seed: int = 
 def idx_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root folder of the generated dataset (shared, read-only by convention)."""
     return make_idx_dataset(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The repository's data folder with real MNIST in it, fetched (offline if torchvision cannot
+    reach its servers) and verified by `synops data`, as a user would."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    prepared = CliRunner().invoke(main, ["data", "--config", str(EXPERIMENTS / "seed.toml"),
+                                         f"--set=data.root='{DATA_ROOT}'"])
+    assert prepared.exit_code == 0, prepared.output
+    return DATA_ROOT
 
 
 @pytest.fixture

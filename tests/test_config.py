@@ -27,6 +27,7 @@ def test_seed_config_is_the_tutorial_recipe() -> None:
     train = config.train
     assert (train.epochs, train.batch_size, train.lr, train.schedule) == (2, 512, 1e-3, "constant")
     assert (train.penalty, train.penalty_weight, train.target_synops, train.seed) == ("mse", 1e-5, 4e7, 1)
+    assert train.precision == "float32"  # as the tutorial ran
     assert config.model.factory == "conv" and config.model.args["channels"] == [16, 32, 120]
     assert not config.model.args.get("bias", False)
 
@@ -47,6 +48,7 @@ BAD_VALUES = [
     ("train.epochs", -1),
     ("train.target_synops", 0),
     ("train.penalty", "l1"),
+    ("train.precision", "float16"),
     ("train.lr", "fast"),
     ("train.batch_size", 1.5),
     ("data.val_size", 0),

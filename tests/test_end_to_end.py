@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from tests.conftest import EXPERIMENTS
 
-DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
 
-
-def test_short_seed_run_on_real_mnist(tracking_uri: str) -> None:
-    root = f"--set=data.root='{DATA_ROOT}'"
-    prepared = CliRunner().invoke(main, ["data", "--config", str(EXPERIMENTS / "seed.toml"), root])
-    assert prepared.exit_code == 0, prepared.output
+@pytest.mark.xdist_group("real-mnist")
+def test_short_seed_run_on_real_mnist(mnist_root: Path, tracking_uri: str) -> None:
+    root = f"--set=data.root='{mnist_root}'"
     result = CliRunner().invoke(main, [
         "train", "--config", str(EXPERIMENTS / "seed.toml"), root, "--tracking-uri", tracking_uri,
         "--quiet", "--epochs", "1", "--set=train.max_batches=60", "--penalty", "none",

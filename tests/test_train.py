@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -72,6 +73,21 @@ def test_a_diverging_loss_raises(idx_root: Path) -> None:
                             target_synops=1.0)
     with pytest.raises(DivergedError, match="loss became"):
         train(build_model(config.model, (1, 28, 28), 10), data, diverging, progress=False)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_steps_compute_in_the_chosen_precision_and_validation_in_float32(
+        idx_root: Path, precision: str) -> None:
+    config = smoke_config(idx_root)
+    data = load_dataset(config.data)
+    model = build_model(config.model, (1, 28, 28), 10)
+    seen: list[tuple[bool, torch.dtype]] = []
+    model[0].register_forward_hook(  # batches only: the counter probes a layer with one sample
+        lambda layer, args, out: seen.append((layer.training, out.dtype)) if len(out) > 1 else None)
+    train(model, data, TrainConfig(epochs=1, batch_size=64, max_batches=2, precision=precision),
+          progress=False)
+    expected = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    assert seen == [(True, expected), (True, expected), (False, torch.float32)]
 
 
 def run_cli(*args: str) -> object:
@@ -178,3 +194,35 @@ def test_the_default_fast_path_counts_a_trained_net_as_the_plain_float32_referen
     assert fast.synops_mean == pytest.approx(sum(counts) / len(counts), rel=1e-6)
     standard_error = math.sqrt(reference_accuracy * (1 - reference_accuracy) / len(counts))
     assert reference_accuracy > 0.9 and abs(fast.accuracy - reference_accuracy) <= standard_error
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("real-mnist")
+def test_bfloat16_training_keeps_exact_counts_and_the_accuracy_of_float32(mnist_root: Path) -> None:
+    """The default where the CPU has bfloat16 ("auto"): training forward passes under autocast.
+    On real MNIST, one epoch of the default recipe's pretraining at 3 spikes per pixel, from the
+    same start in both precisions: the bfloat16-trained net's reported SynOps are the plain
+    float32 reference's (sinabs' hooks on PyTorch's default layout), and its test accuracy is
+    within one standard error of the float32-trained net's."""
+    config = load_config(EXPERIMENTS / "mnist.toml", {"data.root": str(mnist_root),
+                                                      "data.spikes_per_pixel": 3})
+    data = load_dataset(config.data)
+    trained = {}
+    for precision in ("bfloat16", "float32"):
+        model = build_model(config.model, data.input_shape, data.num_classes)
+        recipe = dataclasses.replace(config.pretrain, epochs=1, precision=precision)
+        train(model, data, recipe, progress=False)
+        trained[precision] = (model, evaluate(model, data.test))
+    model, reduced = trained["bfloat16"]
+    _, exact = trained["float32"]
+
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    register_synops_hooks(plain)
+    totals = []
+    with torch.no_grad():
+        for images, _ in batches(data.test, 1000):
+            plain(images.to(torch.float32).contiguous())
+            totals.append(float(plain.hook_data["total_synops_per_timestep"]) * len(images))
+    assert reduced.synops_mean == pytest.approx(sum(totals) / len(data.test), rel=1e-6)
+    standard_error = math.sqrt(exact.accuracy * (1 - exact.accuracy) / exact.samples)
+    assert exact.accuracy > 0.95 and abs(reduced.accuracy - exact.accuracy) <= standard_error
