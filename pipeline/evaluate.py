@@ -14,6 +14,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from pipeline.data import Split, batches
 from pipeline.synops import SynOpsCounter
 
+# Samples per evaluation batch: small enough that a batch's feature maps stay in the CPU's caches
+# (the tutorial net's 10,000 test images took 0.27 s in batches of 250, 0.50 s in batches of 1000).
+EVAL_BATCH_SIZE = 256
+
 
 @dataclass(frozen=True)
 class EnergyProfile:
@@ -226,7 +230,7 @@ class Deployment:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split, batch_size: int = 1000, with_synops: bool = True
+    model: nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE, with_synops: bool = True
 ) -> Evaluation:
     """Accuracy of `model` on `split` and, unless `with_synops` is False, its SynOps per sample
     over every sample (not one batch): mean, median, 95th percentile, max and per-layer means."""

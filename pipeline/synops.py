@@ -59,13 +59,13 @@ class _MeanFanOutDot(torch.autograd.Function):
     def forward(ctx, flat: torch.Tensor, fan_out: torch.Tensor,  # type: ignore[override]
                 per_sample: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(fan_out)
-        ctx.batch = flat.shape[0]
+        ctx.batch, ctx.dtype = flat.shape[0], flat.dtype
         return per_sample.mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (fan_out,) = ctx.saved_tensors
-        grad_flat = (fan_out * (grad / ctx.batch)).expand(ctx.batch, -1)
+        grad_flat = (fan_out * (grad / ctx.batch)).to(ctx.dtype).expand(ctx.batch, -1)
         return grad_flat, None, None
 
 
@@ -106,18 +106,18 @@ class SynOpsCounter:
         self._per_sample_by_layer = {}
         self._mean_by_layer = {}
 
-    def _fan_out(self, name: str, flat: torch.Tensor, sample_shape: torch.Size,
-                 channels_last: bool) -> torch.Tensor:
+    def _fan_out(self, name: str, dtype: torch.dtype, device: torch.device,
+                 sample_shape: torch.Size, channels_last: bool) -> torch.Tensor:
         """The layer's fan-out map for one sample of `sample_shape`, flattened in the memory order
-        of `flat` (the batch's inputs, flattened) and in its dtype. Maps depend on the layer's
-        geometry only, so they are shared by every counter of the process (a network is evaluated
-        after every epoch, each time with a new counter)."""
+        of the layer's inputs (channels last or not), in `dtype` on `device`. Maps depend on the
+        layer's geometry only, so they are shared by every counter of the process (a network is
+        evaluated after every epoch, each time with a new counter)."""
         layer = self._layers[name]
-        key = (_geometry(layer), tuple(sample_shape), flat.device, flat.dtype, channels_last)
+        key = (_geometry(layer), tuple(sample_shape), device, dtype, channels_last)
         if key not in _FAN_OUT_MAPS:
             self._probing = True
             try:
-                fan_out = fan_out_map(layer, sample_shape).to(flat.dtype)
+                fan_out = fan_out_map(layer, sample_shape).to(dtype)
             finally:
                 self._probing = False
             if channels_last:
@@ -137,11 +137,12 @@ class SynOpsCounter:
                 and x.is_contiguous(memory_format=torch.channels_last)
             )
             flat = (x.permute(0, 2, 3, 1) if channels_last else x).reshape(x.shape[0], -1)
-            if flat.dtype in REDUCED_PRECISION:  # under autocast: count in float32 all the same
-                flat = flat.float()
-            fan_out = self._fan_out(name, flat, x.shape[1:], channels_last)
+            # Under autocast the inputs are bfloat16: counted in float32 all the same, while the
+            # penalty's gradient goes to the input in its own dtype (no float32 copy to cast back).
+            dtype = torch.float32 if flat.dtype in REDUCED_PRECISION else flat.dtype
+            fan_out = self._fan_out(name, dtype, flat.device, x.shape[1:], channels_last)
             with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
-                per_sample = flat @ fan_out
+                per_sample = flat.to(dtype) @ fan_out
             mean = _MeanFanOutDot.apply(flat, fan_out, per_sample) if x.requires_grad else per_sample.mean()
             if name in self._mean_by_layer:  # a layer called twice in one forward pass
                 per_sample = per_sample + self._per_sample_by_layer[name]

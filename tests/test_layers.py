@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sinabs.layers as sl
 import torch
 
@@ -28,3 +29,22 @@ def test_sum_pool_adds_each_window() -> None:
     assert SumPool2d(2)(torch.ones(1, 1, 4, 4)).eq(4).all()
     assert SumPool2d(3, stride=1)(x).shape == (2, 3, 6, 6)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize(("side", "kernel"), [(8, 2), (9, 2), (7, 3), (24, 2)])
+def test_sum_pool_gradient_is_pytorchs_window_sum_gradient(
+        side: int, kernel: int, memory_format: torch.memory_format, dtype: torch.dtype) -> None:
+    """Tiled windows take the hand-written backward; its gradient must be autograd's through
+    avg_pool2d with divisor 1, including the rows and columns no whole window covers."""
+    x = torch.randint(0, 5, (2, 3, side, side - 1)).to(dtype).contiguous(memory_format=memory_format)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = SumPool2d(kernel)(ours)
+    expected = torch.nn.functional.avg_pool2d(ref, kernel, kernel, divisor_override=1)
+    assert torch.equal(out, expected)
+    grad = torch.randint(-3, 4, out.shape).to(dtype)
+    out.backward(grad)
+    expected.backward(grad)
+    assert ours.grad.dtype == dtype and torch.equal(ours.grad, ref.grad)
+    assert ours.grad.is_contiguous(memory_format=memory_format)

@@ -182,3 +182,20 @@ def test_under_bfloat16_autocast_the_counts_stay_float32_and_exact() -> None:
             model(images)
         assert counter.per_sample.dtype == torch.float32
         assert counter.per_layer["0"].item() == exact  # bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gradient_of_the_mean_count_is_the_fan_out_per_sample(dtype: torch.dtype) -> None:
+    """d(mean SynOps) / d(input) is each input's fan-out over the batch size (the number of
+    outputs that read it: a 3x3 conv with padding 1 reads a corner pixel 4 times, an edge pixel
+    6, an inner one 9), in the input's own dtype (bfloat16 past the first layer under autocast)."""
+    layer = nn.Conv2d(2, 1, 3, padding=1, bias=False).to(dtype)
+    x = torch.randint(0, 4, (4, 2, 5, 5)).to(dtype).requires_grad_()
+    with SynOpsCounter(layer) as counter:
+        layer(x)
+        counter.total.backward()
+    reads = torch.full((5, 5), 9.0)
+    reads[0, :] = reads[-1, :] = reads[:, 0] = reads[:, -1] = 6.0
+    reads[0, 0] = reads[0, -1] = reads[-1, 0] = reads[-1, -1] = 4.0
+    assert x.grad.dtype == dtype
+    assert torch.equal(x.grad, (reads / 4).expand(4, 2, 5, 5).to(dtype))

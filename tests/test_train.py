@@ -17,7 +17,7 @@ from sinabs.hooks import register_synops_hooks
 from pipeline.cli import main
 from pipeline.config import TrainConfig, load_config
 from pipeline.data import batches, load_dataset
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import EVAL_BATCH_SIZE, evaluate
 from pipeline.model import build_model
 from pipeline.synops import SynOpsCounter
 from pipeline.train import DivergedError, synops_penalty, train
@@ -163,9 +163,10 @@ def test_a_truncated_base_checkpoint_is_retrained_and_the_old_run_marked(
 
 def test_the_default_fast_path_counts_a_trained_net_as_the_plain_float32_reference(idx_root: Path) -> None:
     """What every run uses by default (channels-last layers, uint8 batches made float, our
-    counter, batches of 1000) against the plainest exact path: the same trained weights in
-    PyTorch's default layout, one float32 sample at a time, counted by sinabs' own hooks. Every
-    test sample's SynOps must agree, and the accuracy within one standard error."""
+    counter, evaluation batches of EVAL_BATCH_SIZE, training in the default precision) against
+    the plainest exact path: the same trained weights in PyTorch's default layout, one float32
+    sample at a time, counted by sinabs' own hooks. Every test sample's SynOps must agree, and the
+    accuracy within one standard error."""
     config = smoke_config(idx_root, **{"model.args.channels": [16, 32, 120]})  # the default net
     data = load_dataset(config.data)
     model = build_model(config.model, (1, 28, 28), 10)
@@ -184,7 +185,7 @@ def test_the_default_fast_path_counts_a_trained_net_as_the_plain_float32_referen
 
     fast_counts = []
     with torch.no_grad(), SynOpsCounter(model) as counter:  # per sample, in the fast path's batches
-        for images, _ in batches(data.test, 1000):
+        for images, _ in batches(data.test, EVAL_BATCH_SIZE):
             model(images)
             fast_counts.append(counter.per_sample.double())
     assert plain[0].weight.is_contiguous() and model[0].weight.is_contiguous(
