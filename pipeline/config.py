@@ -42,6 +42,9 @@ BUILTIN_FACTORIES = ("conv",)
 # spike counts already (used as they are). "" = the source's own kind.
 DATA_KINDS = ("intensity", "counts")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
+# Which front members the confirmation stage repeats: those a choice (the knee, a budget's pick or
+# the most accurate member within a budget) falls on, until every choice is confirmed, or all.
+CONFIRM_MEMBERS = ("choices", "front")
 ENCODINGS = ("regular", "poisson", "rate")
 SPIKE_FUNCTIONS = ("multi", "single")
 MAX_PIXEL_COUNT = 255  # the largest uint8 pixel value: the tutorial reads it as 255 input spikes
@@ -254,6 +257,7 @@ class StudyConfig:
     starter_trial: bool = True
     prune_dominated: bool = True
     confirm_seeds: int = 2
+    confirm_members: Literal["choices", "front"] = "choices"
     max_consecutive_failures: int = 3
     heartbeat_interval: int = 10
     grace_period: int = 30
@@ -266,6 +270,8 @@ class StudyConfig:
         _require(self.n_trials > 0, "study.n_trials", "must be > 0")
         _require(self.max_consecutive_failures > 0, "study.max_consecutive_failures", "must be > 0")
         _require(self.confirm_seeds >= 0, "study.confirm_seeds", "must be >= 0 (0 = no confirmation)")
+        _require(self.confirm_members in CONFIRM_MEMBERS, "study.confirm_members",
+                 f"must be one of {CONFIRM_MEMBERS}")
         _require(self.grid_points > 1, "study.grid_points", "must be > 1")
         _require(self.heartbeat_interval > 0, "study.heartbeat_interval", "must be > 0 seconds")
         _require(self.wait_timeout > 0, "study.wait_timeout",

@@ -457,6 +457,13 @@ def seed_noise(frame: pd.DataFrame) -> SeedNoise:
     return SeedNoise(float((((seeds - 1) * sd**2)[repeated].sum() / df) ** 0.5), df)
 
 
+def most_accurate_within(frame: pd.DataFrame, budget: float) -> Any:
+    """The index of the most accurate row whose validation SynOps fit in `budget` (None if none
+    fits): the row a budget's ties are judged against."""
+    fitting = frame[frame["val_synops_mean"] <= budget]
+    return None if fitting.empty else fitting["val_accuracy"].idxmax()
+
+
 def best_within_budgets(frame: pd.DataFrame, budgets: list[float]) -> list[tuple[float, pd.Series | None]]:
     """For each SynOps budget, among the rows whose validation SynOps fit in it, the one with the
     fewest SynOps of those that cannot be told apart from the most accurate one, or None.
@@ -470,11 +477,11 @@ def best_within_budgets(frame: pd.DataFrame, budgets: list[float]) -> list[tuple
     seeds = frame.get("seeds", pd.Series(1, index=frame.index)).fillna(1)
     chosen = []
     for budget in budgets:
-        fitting = frame[frame["val_synops_mean"] <= budget]
-        if fitting.empty:
+        best = most_accurate_within(frame, budget)
+        if best is None:
             chosen.append((budget, None))
             continue
-        best = fitting["val_accuracy"].idxmax()
+        fitting = frame[frame["val_synops_mean"] <= budget]
         margin = pd.Series([noise.margin(int(seeds[best]), int(seeds[i])) for i in fitting.index],
                            index=fitting.index)
         tied = fitting[fitting.loc[best, "val_accuracy"] - fitting["val_accuracy"] <= margin]
@@ -739,9 +746,26 @@ def choose(study: optuna.Study, frame: pd.DataFrame | None = None) -> Choice:
     frame = trials_frame(study) if frame is None else frame
     if frame.empty:
         raise NoSuchTrialError(f"study '{study.study_name}' has no finished trial yet")
-    members = with_seed_means(front_table(frame), confirmations(study))
+    return choice_of(front_table(frame), confirmations(study))
+
+
+def choice_of(front: pd.DataFrame, found: dict[int, list[Confirmation]]) -> Choice:
+    """The choice made from a `front_table` and its members' confirmations (by trial)."""
+    members = with_seed_means(front, found)
     candidates = on_means(members)
     return Choice(members, candidates, choose_knee(candidates))
+
+
+def chosen_trials(choice: Choice, budgets: list[float]) -> set[int]:
+    """The trials a user's choice falls on: the knee, and for each budget the member the budget
+    table quotes and the most accurate member that fits in it (the one ties are judged against).
+    The confirmation stage confirms these until they are all confirmed (`study.confirm_members`
+    "choices")."""
+    candidates = choice.candidates
+    rows = [choice.knee.row] + [most_accurate_within(candidates, budget) for budget in budgets]
+    trials = {int(candidates.loc[row, "trial"]) for row in rows if row is not None}
+    return trials | {int(best["trial"]) for _, best in best_within_budgets(candidates, budgets)
+                     if best is not None}
 
 
 NOTE_TAG = "mlflow.note.content"  # MLflow shows this tag as the run's description

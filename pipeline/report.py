@@ -259,9 +259,9 @@ def _noise_blocks(choice: Choice, detectable: float, val_size: int) -> list[tupl
                      "since it was picked for scoring well), dominated by another member: "
                      + (", ".join(f"trial {n}" for n in dominated) or "none")
                      + "; the knee and the budget table are chosen among the others"
-                     + ("; without a finished confirmation (their numbers are the selection run's "
-                        "alone, biased up): " + ", ".join(f"trial {n}" for n in unconfirmed)
-                        if unconfirmed else ""))
+                     + ("; not confirmed (no choice fell on them, or the stage has not finished; "
+                        "their numbers are the selection run's alone, biased up): "
+                        + ", ".join(f"trial {n}" for n in unconfirmed) if unconfirmed else ""))
     else:
         items.append("each member was trained once (the confirmation stage has not run): choices "
                      "are made on single runs")

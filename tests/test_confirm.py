@@ -21,7 +21,10 @@ from pipeline.evaluate import Evaluation
 from pipeline.front import (
     Confirmation,
     best_within_budgets,
+    choice_of,
+    choose,
     choose_knee,
+    chosen_trials,
     confirmations,
     detectable_difference,
     indistinguishable_neighbours,
@@ -87,6 +90,34 @@ def test_choices_are_made_on_the_seed_means() -> None:
     assert indistinguishable_neighbours(members) == [(1, 2)]  # trial 2 spreads widely
 
 
+def test_confirming_the_choices_follows_a_choice_that_moves_until_all_are_confirmed() -> None:
+    """Five members, one budget of 4e6 SynOps. On single runs the knee is trial 2 (it bulges
+    farthest towards the ideal corner) and the budget's most accurate member and pick is trial 4:
+    both are confirmed. Trial 4's confirmations show its run was lucky: dominated on the means by
+    trial 3, which becomes the budget's most accurate member (the one ties are judged against), so
+    trial 3 is confirmed next. On its seeds it is 0.35 points above trial 2, beyond the seed noise
+    (t at 2 df times the pooled sd): trial 3 is the pick. Trials 1 and 5, which no choice fell on,
+    are never confirmed."""
+    rows = [(1, 0.970, 1.0e6), (2, 0.985, 1.5e6), (3, 0.988, 2.0e6), (4, 0.990, 3.0e6), (5, 0.991, 5.0e6)]
+    front = pd.DataFrame([{"trial": t, "val_accuracy": a, "val_synops_mean": s, "val_samples": 5000,
+                           "test_accuracy": a, "test_synops_mean": s, "on_front": True}
+                          for t, a, s in rows])
+    synops = {t: s for t, _, s in rows}
+    repeats = {2: [0.9845, 0.9855], 3: [0.9880, 0.9890], 4: [0.9835, 0.9845]}
+    found: dict[int, list[Confirmation]] = {}
+    rounds = []
+    while (chosen := chosen_trials(choice_of(front, found), [4e6]) - set(found)) and len(rounds) < 5:
+        rounds.append(sorted(chosen))
+        found |= {t: [Confirmation(t, seed, f"run-{t}-{seed}", evaluation(a, synops[t]),
+                                   evaluation(a, synops[t]))
+                      for seed, a in enumerate(repeats.get(t, []), start=2)] for t in chosen}
+    assert rounds == [[2, 4], [3]]
+    final = choice_of(front, found)
+    assert chosen_trials(final, [4e6]) == {2, 3}
+    assert int(best_within_budgets(final.candidates, [4e6])[0][1]["trial"]) == 3
+    assert int(final.knee_member["trial"]) == 2
+
+
 def test_the_budget_table_prefers_fewer_synops_when_the_seeds_cannot_tell_members_apart() -> None:
     def table(sd: float) -> pd.DataFrame:
         return pd.DataFrame([{"trial": t, "val_accuracy": a, "val_synops_mean": s,
@@ -108,7 +139,8 @@ def swept(idx_root: Path, tmp_path: Path):
     config = load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(idx_root)
                          | {"study.n_trials": 3, "study.confirm_seeds": 0})
     run_sweep(config, storage, uri, progress=False, echo=lambda line: None)
-    config = dataclasses.replace(config, study=dataclasses.replace(config.study, confirm_seeds=2))
+    config = dataclasses.replace(config, study=dataclasses.replace(  # every member: 2 runs each
+        config.study, confirm_seeds=2, confirm_members="front"))
     tracker = Tracker(uri)
     prepared = prepare(config, storage, uri)
     bases = VariantBases(config, prepared, load_inputs(config),
@@ -162,6 +194,26 @@ def test_a_confirmation_whose_process_died_is_closed_and_redone(swept) -> None:
     redone = [c for c in confirmations(optuna.load_study(study_name="smoke", storage=study._storage))
               .get(trial, []) if c.seed == seed]
     assert len(redone) == 1 and redone[0].run_id != orphan.run_id
+
+
+def test_confirming_the_choices_confirms_every_member_a_choice_falls_on_and_no_other(
+        idx_root: Path, tmp_path: Path) -> None:
+    """Only the knee is chosen (no budgets): the stage confirms it, and any member the knee moves
+    to on the means, until the knee is on a confirmed member; the rest of the front is not run."""
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(EXPERIMENTS / "smoke.toml", smoke_overrides(idx_root)
+                         | {"study.n_trials": 6, "study.confirm_members": "choices", "report.budgets": []})
+    lines: list[str] = []
+    study = run_sweep(config, storage, uri, progress=False, echo=lines.append)
+    found = confirmations(study)
+    front = {t.number for t in study.best_trials}
+    assert len(front) >= 2 and set(found) < front  # fewer members than the front's
+    assert all(len(runs) == 1 for runs in found.values())  # smoke.toml: confirm_seeds = 1
+    assert sum(line.startswith("confirm trial") for line in lines) == len(found)
+    assert chosen_trials(choose(study), []) <= set(found)
+    assert not pending(study, config)
+    everyone = dataclasses.replace(config, study=dataclasses.replace(config.study, confirm_members="front"))
+    assert len(pending(study, everyone)) == len(front) - len(found)
 
 
 # Failures are reported as failures: a confirmation, the front's publication, the data's files.

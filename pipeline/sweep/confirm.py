@@ -1,6 +1,8 @@
-"""The confirmation stage: once the study has `n_trials` finished trials, each front member is
+"""The confirmation stage: once the study has `n_trials` finished trials, front members are
 fine-tuned again from the same start with `study.confirm_seeds` further seeds, so that choices are
-made on seed means rather than on one lucky or unlucky run.
+made on seed means rather than on one lucky or unlucky run. By default (`study.confirm_members`
+"choices") only the members a choice falls on are confirmed, in rounds: a member's means can move
+a choice to another member, which is confirmed next, until every choice is on confirmed members.
 
 Each confirmation is a child run of the study's parent run, tagged with the trial it confirms. A
 claim (its run id) is stored in the study when it starts and the result when it finishes, so a
@@ -24,6 +26,8 @@ from pipeline.front import (
     CONFIRM_CLAIM_PREFIX,
     CONFIRM_RESULT_PREFIX,
     Confirmation,
+    choose,
+    chosen_trials,
     confirm_key,
     confirmations,
 )
@@ -42,10 +46,15 @@ class ConfirmationError(PipelineError, RuntimeError):
 
 
 def pending(study: optuna.Study, config: ExperimentConfig) -> list[tuple[FrozenTrial, int]]:
-    """(front member, seed) pairs without a finished confirmation, members in trial order."""
+    """(front member, seed) pairs without a finished confirmation, members in trial order: of
+    every member, or (`study.confirm_members` "choices") of those the choices made on the current
+    means fall on (`chosen_trials`)."""
     seeds = [config.train.seed + i for i in range(1, config.study.confirm_seeds + 1)]
     done = {(c.trial, c.seed) for found in confirmations(study).values() for c in found}
     members = sorted(study.best_trials, key=lambda t: t.number)
+    if config.study.confirm_members == "choices":
+        chosen = chosen_trials(choose(study), config.report.budgets)
+        members = [t for t in members if t.number in chosen]
     return [(t, seed) for t in members for seed in seeds if (t.number, seed) not in done]
 
 
@@ -80,10 +89,11 @@ def confirmation_line(trial: int, seed: int, result: RunResult) -> str:
 
 def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
                   progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
-    """Run the missing confirmations of the current front; returns how many ran. A confirmation
-    that fails is reported (a line to `echo`, its run FAILED with the reason) and the others are
-    still run; then `ConfirmationError` (exit 1) names every failure, the finished ones kept and the
-    failed ones left for the next run. A stop request raises KeyboardInterrupt."""
+    """Run the missing confirmations (`pending`, again after each round, as the new means can
+    move a choice) until none is left; returns how many ran. A confirmation that fails is
+    reported (a line to `echo`, its run FAILED with the reason), not retried in this call, and the
+    others are still run; then `ConfirmationError` (exit 1) names every failure, the finished ones
+    kept and the failed ones left for the next run. A stop request raises KeyboardInterrupt."""
     study = config.study
     with lease(prepared.storage, lease_name(config.name, "confirm"), study.wait_timeout, echo,
                should_stop) as held:
@@ -93,41 +103,53 @@ def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, bases: Vari
 def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
              progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None],
              held: Lease) -> int:
-    study, record, tracker = prepared.study, prepared.record, bases.training.tracker
-    close_dead_confirmations(study, tracker)
-    ran, failures, todo = 0, [], pending(study, config)
-    for trial, seed in todo:
-        if should_stop():
-            raise KeyboardInterrupt("stop requested between confirmations")
-        member, variant, from_base = member_config(trial, prepared, config, bases, seed)
-        started = time.perf_counter()
-        try:
-            result = run_tracked(
-                member, bases.data(variant), tracker, prepared.experiment_id,
-                {TAG_ROLE: "confirmation", "synops.confirms_trial": str(trial.number),
-                 "synops.seed": str(seed), "synops.study": config.name},
-                init_state=bases.state(variant) if from_base else None,
-                run_name=f"confirm-{trial.number}-seed-{seed}",
-                parent_run_id=record.parent_run_id,
-                extra_params={f"search.{k}": v for k, v in trial.params.items()},
-                progress=progress, should_stop=should_stop,
-                on_start=lambda run_id, n=trial.number, s=seed: study.set_user_attr(
-                    confirm_key(CONFIRM_CLAIM_PREFIX, n, s), run_id),
-            )
-        except Exception as err:  # noqa: BLE001 - recorded on the run; the next run retries it
-            echo(f"confirm trial {trial.number:3d} seed {seed} FAILED after "
-                 f"{time.perf_counter() - started:.0f} s: {type(err).__name__}: {err}")
-            failures.append(f"trial {trial.number} seed {seed}: {type(err).__name__}: {err}")
-            continue
-        confirmation = Confirmation(trial.number, seed, result.run_id, result.val, result.test)
-        held.verify()  # a holder that lost the lease meanwhile must not record a confirmation
-        study.set_user_attr(confirm_key(CONFIRM_RESULT_PREFIX, trial.number, seed),
-                            confirmation.to_record())
-        echo(confirmation_line(trial.number, seed, result))
-        ran += 1
+    study = prepared.study
+    close_dead_confirmations(study, bases.training.tracker)
+    ran, failures, tried = 0, [], set()
+    while todo := [(t, s) for t, s in pending(study, config) if (t.number, s) not in tried]:
+        for trial, seed in todo:
+            tried.add((trial.number, seed))
+            ran += _confirm_one(config, prepared, bases, progress, should_stop, echo, held,
+                                trial, seed, failures)
     if failures:
         shown = "; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
         raise ConfirmationError(
-            f"{len(failures)} of {len(todo)} confirmations failed ({shown}). The {ran} others are "
+            f"{len(failures)} of {len(tried)} confirmations failed ({shown}). The {ran} others are "
             "kept; fix the cause and re-run `synops sweep` to redo the failed ones")
     return ran
+
+
+def _confirm_one(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
+                 progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None],
+                 held: Lease, trial: FrozenTrial, seed: int, failures: list[str]) -> int:
+    """One confirmation run, its result stored in the study: 1 if it finished, 0 if it failed
+    (the reason appended to `failures`)."""
+    study, record, tracker = prepared.study, prepared.record, bases.training.tracker
+    if should_stop():
+        raise KeyboardInterrupt("stop requested between confirmations")
+    member, variant, from_base = member_config(trial, prepared, config, bases, seed)
+    started = time.perf_counter()
+    try:
+        result = run_tracked(
+            member, bases.data(variant), tracker, prepared.experiment_id,
+            {TAG_ROLE: "confirmation", "synops.confirms_trial": str(trial.number),
+             "synops.seed": str(seed), "synops.study": config.name},
+            init_state=bases.state(variant) if from_base else None,
+            run_name=f"confirm-{trial.number}-seed-{seed}",
+            parent_run_id=record.parent_run_id,
+            extra_params={f"search.{k}": v for k, v in trial.params.items()},
+            progress=progress, should_stop=should_stop,
+            on_start=lambda run_id: study.set_user_attr(
+                confirm_key(CONFIRM_CLAIM_PREFIX, trial.number, seed), run_id),
+        )
+    except Exception as err:  # noqa: BLE001 - recorded on the run; the next run retries it
+        echo(f"confirm trial {trial.number:3d} seed {seed} FAILED after "
+             f"{time.perf_counter() - started:.0f} s: {type(err).__name__}: {err}")
+        failures.append(f"trial {trial.number} seed {seed}: {type(err).__name__}: {err}")
+        return 0
+    confirmation = Confirmation(trial.number, seed, result.run_id, result.val, result.test)
+    held.verify()  # a holder that lost the lease meanwhile must not record a confirmation
+    study.set_user_attr(confirm_key(CONFIRM_RESULT_PREFIX, trial.number, seed),
+                        confirmation.to_record())
+    echo(confirmation_line(trial.number, seed, result))
+    return 1
