@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline.chip import WEIGHT_LAYERS, MappingProblem
 from pipeline.chip_profiles import ChipProfile
-from pipeline.data import Split, batches
+from pipeline.data import EVAL_BATCH_SIZE, Split, batches
 from pipeline.layers import NeuromorphicReLU
 from pipeline.synops import COUNTED_LAYERS, fan_out_map
 
@@ -166,7 +166,7 @@ class MembraneRange:
     peak: int  # largest |v|
 
 
-def membrane_ranges(quantized: QuantizedNetwork, split: Split, batch_size: int = 1000
+def membrane_ranges(quantized: QuantizedNetwork, split: Split, batch_size: int = EVAL_BATCH_SIZE
                     ) -> tuple[MembraneRange, ...]:
     """Each quantised layer's membrane values on `split` (see `MembraneRange`), from one pass of
     `quantized.model`: its outputs times θ. Values beyond the membrane are counted, not raised."""
@@ -220,7 +220,8 @@ def _binary_copy(layer: nn.Module) -> nn.Module:
     return binary
 
 
-def neurobench_metrics(model: nn.Module, split: Split, batch_size: int = 1000) -> NeuroBenchMetrics:
+def neurobench_metrics(model: nn.Module, split: Split,
+                       batch_size: int = EVAL_BATCH_SIZE) -> NeuroBenchMetrics:
     """NeuroBench's synaptic operations and activation sparsity of `model` on `split` (definitions in
     `NeuroBenchMetrics`). Hand-written: the `neurobench` package pulls torchaudio, snntorch, tonic
     and numba, too much for three counts. Raises ValueError on an empty split."""

@@ -16,8 +16,8 @@ from sinabs.hooks import register_synops_hooks
 
 from pipeline.cli import main
 from pipeline.config import TrainConfig, load_config
-from pipeline.data import batches, load_dataset
-from pipeline.evaluate import EVAL_BATCH_SIZE, evaluate
+from pipeline.data import EVAL_BATCH_SIZE, batches, load_dataset
+from pipeline.evaluate import evaluate
 from pipeline.model import build_model
 from pipeline.synops import SynOpsCounter
 from pipeline.train import DivergedError, synops_penalty, train
