@@ -247,7 +247,8 @@ class StudyConfig:
     trial at the variant with the lowest input-layer floor, mid-range penalty and the fewest
     epochs, so the first point of the front comes as early as it can; `prune_dominated` stops a
     trial after an epoch when a finished trial beats it by far on both objectives
-    (`pipeline.sweep.objective.PRUNE_MARGINS`)."""
+    (`pipeline.sweep.objective.PRUNE_MARGINS`); `confirm_seeds` further seeds confirm the members
+    `confirm_members` names (`CONFIRM_MEMBERS`) once the study has its `n_trials`."""
 
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
     n_trials: int = 24
