@@ -120,7 +120,9 @@ def run_tracked(
 
         history = train(model, dataset, config.train, on_epoch=log_epoch, progress=progress,
                         should_stop=should_stop)
-        val, test = evaluate(model, dataset.val), evaluate(model, dataset.test)
+        # The last epoch's validation is the final one (the model has not changed since).
+        val = history.final_val or evaluate(model, dataset.val)
+        test = evaluate(model, dataset.test)
         run.log_metrics(final_metrics(val, test))
         run.log_json({"val": val.to_record(), "test": test.to_record()}, EVALUATION_ARTIFACT)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pipeline.config import TrainConfig
 from pipeline.data import Dataset, batches
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import Evaluation, evaluate
 from pipeline.synops import SynOpsCounter
 
 # The tutorial divides its squared-error penalty by this scale (SynOps are ~1e7..1e8).
@@ -68,6 +68,7 @@ class TrainHistory:
     step_penalty_loss: list[float] = field(default_factory=list)
     step_synops: list[float] = field(default_factory=list)
     epochs: list[EpochStats] = field(default_factory=list)
+    final_val: Evaluation | None = None  # the validation after the last epoch, in full
 
 
 def synops_penalty(synops: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -196,7 +197,7 @@ def train(
                                 acc=f"{correct / samples:.3f}", synops=f"{synops_value:.3g}")
             bar.close()
             samples = max(samples, 1.0)
-            val = evaluate(model, dataset.val)
+            val = history.final_val = evaluate(model, dataset.val)
             stats = EpochStats(
                 epoch=epoch,
                 loss=(task_sum + penalty_sum) / samples,

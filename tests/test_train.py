@@ -90,6 +90,18 @@ def test_training_steps_compute_in_the_chosen_precision_and_validation_in_float3
     assert seen == [(True, expected), (True, expected), (False, torch.float32)]
 
 
+def test_the_last_epochs_validation_is_the_trained_nets_own(idx_root: Path) -> None:
+    """A run records the validation of its last epoch as its final one instead of evaluating
+    again: it must be what evaluating the trained net gives."""
+    config = smoke_config(idx_root)
+    data = load_dataset(config.data)
+    model = build_model(config.model, (1, 28, 28), 10)
+    history = train(model, data, TrainConfig(epochs=2, batch_size=64, max_batches=3), progress=False)
+    assert history.final_val == evaluate(model, data.val)
+    assert history.final_val.accuracy == history.epochs[-1].val_accuracy
+    assert train(model, data, TrainConfig(epochs=0), progress=False).final_val is None
+
+
 def run_cli(*args: str) -> object:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
