@@ -40,7 +40,7 @@ from optuna.trial import TrialState
 from torch import nn
 
 from pipeline.config import ExperimentConfig, TrainConfig
-from pipeline.data import Dataset, Split, batches, load_dataset
+from pipeline.data import EVAL_BATCH_SIZE, Dataset, Split, batches, load_dataset
 from pipeline.model import build_model
 from pipeline.synops import SynOpsCounter
 from pipeline.train import synops_penalty, train, training_precision
@@ -140,7 +140,7 @@ def per_sample_synops(model: nn.Module, split: Split, bfloat16: bool) -> tuple[t
     model.eval()
     counts, correct = [], 0
     with SynOpsCounter(model) as counter:
-        for images, labels in batches(split, 1000):
+        for images, labels in batches(split, EVAL_BATCH_SIZE):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
                 logits = model(images)
             counts.append(counter.per_sample.double())
@@ -210,8 +210,9 @@ def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40,
     for _ in range(rounds):
         tutorial_s, tutorial_n = tutorial_epoch_seconds(config.data.root, config.train)
         epochs = {precision: our_epoch_seconds(config, dataset, precision)  # alternate the order
-                  for precision in dict.fromkeys([default, "float32"][::1 if len(ours) % 2 else -1])}
-        (our_s, our_n, trained), (float32_s, _, trained_float32) = epochs[default], epochs["float32"]
+                  for precision in ("bfloat16", "float32")[::1 if len(ours) % 2 else -1]}
+        (our_s, our_n, _), (float32_s, _, trained_float32) = epochs[default], epochs["float32"]
+        trained = epochs["bfloat16"][2]
         tutorial.append(tutorial_s)
         ours.append(our_s)
         ours_float32.append(float32_s)

@@ -33,7 +33,7 @@ PENALTIES = ("none", "mse", "hinge")
 SCHEDULES = ("constant", "cosine", "onecycle")
 # How a training step's forward pass computes: in float32, or its convolutions and matmuls under
 # autocast to bfloat16; "auto" = bfloat16 where the device computes it natively, else float32.
-# Evaluation, and so every reported accuracy and SynOps count, is float32 either way.
+# Validation and test, and so every accuracy and SynOps count a user chooses from, are float32.
 PRECISIONS = ("auto", "float32", "bfloat16")
 # Built-in data sources (`pipeline.sources` loads each) and network factories (`pipeline.model`).
 BUILTIN_SOURCES = ("mnist", "fashion-mnist", "arrays", "image-folder", "events")

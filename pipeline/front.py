@@ -6,6 +6,7 @@ Choices use validation numbers only (the objectives); test numbers are what gets
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -139,6 +140,17 @@ def study_bases(study: optuna.Study) -> dict[str, BaseRecord]:
             for key, value in study.user_attrs.items() if key.startswith(BASE_ATTR_PREFIX)}
 
 
+def stored_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A study's stored config as this version reads it: a study stored before `precision`
+    existed trained in float32, and keeps doing so when resumed (not "auto", which would switch
+    its new trials to bfloat16)."""
+    values = copy.deepcopy(values)
+    for stage in ("train", "pretrain"):
+        if values.get(stage) is not None:
+            values[stage].setdefault("precision", "float32")
+    return values
+
+
 @dataclass(frozen=True)
 class StudyRecord:
     """What a study stored about itself: its config, search space, parent run, the kind and
@@ -163,7 +175,7 @@ class StudyRecord:
                 f"version {attrs.get(ATTR_SCHEMA)}, expected {SCHEMA_VERSION}): start a new study "
                 "under another `name`, or with other --storage/--tracking-uri stores")
         inputs = attrs[ATTR_INPUTS]
-        return cls(study.study_name, config_from_dict(attrs[ATTR_CONFIG]),
+        return cls(study.study_name, config_from_dict(stored_config(attrs[ATTR_CONFIG])),
                    SearchBounds.from_record(attrs[ATTR_BOUNDS]), study_bases(study),
                    attrs[ATTR_PARENT_RUN], inputs["kind"], inputs["num_classes"],
                    inputs["fingerprints"])

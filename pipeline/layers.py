@@ -62,7 +62,7 @@ class SumPool2d(nn.Module):
         self.stride = stride or kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == self.kernel_size:  # windows that tile the input
+        if self.stride == self.kernel_size and x.dim() == 4:  # a batch, windows tiling the input
             return _TiledSumPool.apply(x, self.kernel_size)
         # An average with divisor 1 is the window sum, in one kernel forward and backward.
         return F.avg_pool2d(x, self.kernel_size, self.stride, divisor_override=1)

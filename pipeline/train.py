@@ -113,11 +113,13 @@ def training_precision(precision: str, device: torch.device | str) -> str:
     if precision != "auto":
         return precision
     device = torch.device(device)
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:  # PyTorch has no public query of the CPU's bfloat16 instructions; torch.cpu's are used
-        native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
-                                           or torch.cpu._is_amx_tile_supported())
+    if device.type == "cuda":  # bfloat16 tensor cores from compute capability 8.0 (Ampere) on
+        native = torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    else:  # PyTorch has no public query of the CPU's bfloat16 instructions; torch.cpu's private
+        # ones are used, and a PyTorch without them counts as none
+        native = device.type == "cpu" and any(
+            getattr(torch.cpu, query, lambda: False)()
+            for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return "bfloat16" if native else "float32"
 
 
@@ -163,9 +165,9 @@ def train(
             for step, (images, labels) in enumerate(bar):
                 if should_stop():
                     raise TrainingStopped(f"stop requested at epoch {epoch}, step {step + 1}")
-                # Under bfloat16 the forward pass (its convolutions and matmuls) is approximate; the
-                # counter counts in float32 and `evaluate` runs in float32, so every reported count
-                # and accuracy is exact.
+                # Under bfloat16 the forward pass (its convolutions and matmuls) is approximate, and
+                # so are the training-time numbers; the counter sums in float32 and `evaluate` runs
+                # in float32, so every validation and test count and accuracy is exact.
                 with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=reduced):
                     logits = model(images)
                 synops = counter.total

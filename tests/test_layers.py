@@ -30,7 +30,6 @@ def test_sum_pool_adds_each_window() -> None:
     assert SumPool2d(3, stride=1)(x).shape == (2, 3, 6, 6)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize(("side", "kernel"), [(8, 2), (9, 2), (7, 3), (24, 2)])
@@ -48,3 +47,12 @@ def test_sum_pool_gradient_is_pytorchs_window_sum_gradient(
     expected.backward(grad)
     assert ours.grad.dtype == dtype and torch.equal(ours.grad, ref.grad)
     assert ours.grad.is_contiguous(memory_format=memory_format)
+
+
+def test_sum_pool_of_one_unbatched_sample_has_pytorchs_gradient() -> None:
+    x = torch.randint(0, 5, (3, 8, 8)).float()
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randint(-3, 4, (3, 4, 4)).float()
+    SumPool2d(2)(ours).backward(grad)
+    torch.nn.functional.avg_pool2d(ref, 2, 2, divisor_override=1).backward(grad)
+    assert torch.equal(ours.grad, ref.grad)

@@ -225,6 +225,25 @@ def test_resuming_with_a_config_that_changes_the_study_is_refused(idx_root: Path
     assert len(stores.study().get_trials(states=(TrialState.COMPLETE,))) == 2
 
 
+def test_a_study_stored_before_training_precision_existed_resumes_in_float32(
+        idx_root: Path, stores: Stores) -> None:
+    """Such a study trained in float32: resuming it under "auto" (bfloat16 on some CPUs) would mix
+    precisions in one front, so it is refused, naming the key; in float32 it resumes."""
+    first = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=1"))
+    assert first.exit_code == 0, first.output
+    study = stores.study()
+    older = study.user_attrs["config"]
+    for stage in ("train", "pretrain"):
+        del older[stage]["precision"]
+    study.set_user_attr("config", older)
+    mixed = CliRunner().invoke(main, sweep_args(idx_root, stores, '--set=train.precision="auto"'))
+    assert mixed.exit_code == 2 and "train.precision: study has 'float32'" in mixed.output
+    assert len(stores.study().trials) == 1
+    resumed = CliRunner().invoke(main, sweep_args(idx_root, stores, "--set=study.n_trials=2"))
+    assert resumed.exit_code == 0, resumed.output
+    assert len(stores.study().get_trials(states=(TrialState.COMPLETE,))) == 2
+
+
 @pytest.mark.parametrize("assignment", [
     "study.space.target_synops=[0.0, 1000.0]",  # resolves below 1.05 x the input-layer floor
     "study.space.lr=[0.0, 1e-3]",

@@ -115,7 +115,8 @@ def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBa
         shown = "; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
         raise ConfirmationError(
             f"{len(failures)} of {len(tried)} confirmations failed ({shown}). The {ran} others are "
-            "kept; fix the cause and re-run `synops sweep` to redo the failed ones")
+            "kept; fix the cause and re-run `synops sweep` to redo the failed ones (those a choice "
+            "still falls on, with study.confirm_members = \"choices\")")
     return ran
 
 

@@ -57,9 +57,8 @@ DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # defines what the trials mean.
 RESUMABLE_KEYS = frozenset({
     "study.n_trials", "study.max_consecutive_failures", "study.heartbeat_interval",
-    "study.grace_period", "study.wait_timeout", "study.seed", "study.confirm_seeds", "study.confirm_members",
-    "data.root",
-    "data.verify_checksums",
+    "study.grace_period", "study.wait_timeout", "study.seed", "study.confirm_seeds",
+    "study.confirm_members", "data.root", "data.verify_checksums",
     "device",
     "report.budgets", *(f"snn.{f.name}" for f in dataclasses.fields(SNNConfig)),
 })
