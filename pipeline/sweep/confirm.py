@@ -89,8 +89,8 @@ def confirmation_line(trial: int, seed: int, result: RunResult) -> str:
 
 def confirm_front(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBases,
                   progress: bool, should_stop: Callable[[], bool], echo: Callable[[str], None]) -> int:
-    """Run the missing confirmations (`pending`, again after each round, as the new means can
-    move a choice) until none is left; returns how many ran. A confirmation that fails is
+    """Run the missing confirmations (`pending`, again after each member, as its means can move
+    a choice) until none is left; returns how many ran. A confirmation that fails is
     reported (a line to `echo`, its run FAILED with the reason), not retried in this call, and the
     others are still run; then `ConfirmationError` (exit 1) names every failure, the finished ones
     kept and the failed ones left for the next run. A stop request raises KeyboardInterrupt."""
@@ -106,8 +106,11 @@ def _confirm(config: ExperimentConfig, prepared: PreparedStudy, bases: VariantBa
     study = prepared.study
     close_dead_confirmations(study, bases.training.tracker)
     ran, failures, tried = 0, [], set()
+    # One member at a time, then `pending` again: its means can move a choice away from members
+    # that were still waiting.
     while todo := [(t, s) for t, s in pending(study, config) if (t.number, s) not in tried]:
-        for trial, seed in todo:
+        member = todo[0][0].number
+        for trial, seed in [(t, s) for t, s in todo if t.number == member]:
             tried.add((trial.number, seed))
             ran += _confirm_one(config, prepared, bases, progress, should_stop, echo, held,
                                 trial, seed, failures)
