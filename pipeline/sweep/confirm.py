@@ -1,8 +1,9 @@
 """The confirmation stage: once the study has `n_trials` finished trials, front members are
 fine-tuned again from the same start with `study.confirm_seeds` further seeds, so that choices are
 made on seed means rather than on one lucky or unlucky run. By default (`study.confirm_members`
-"choices") only the members a choice falls on are confirmed, in rounds: a member's means can move
-a choice to another member, which is confirmed next, until every choice is on confirmed members.
+"choices") only the members a choice falls on are confirmed, one member at a time: a member's
+means can move a choice to another member, which is confirmed next, until every choice is on
+confirmed members.
 
 Each confirmation is a child run of the study's parent run, tagged with the trial it confirms. A
 claim (its run id) is stored in the study when it starts and the result when it finishes, so a
