@@ -8,11 +8,11 @@ the time a study takes to its first point, and what bfloat16 would change.
     the per-round ratios is reported. Ours runs in the pipeline's default precision ("auto":
     bfloat16 training where the CPU has it) and in float32, whatever the config says.
 (b) Our training step with the SynOps counter and penalty vs the same step without either, in the
-    default precision, `COUNTER_REPEATS` times a round.
+    default precision: pairs of steps on the same batch from the same weights.
 (c) The first point: `synops sweep` of the default study (in temporary stores) from its start to
     its first searched trial finished, which is on the front as the study's first point.
-(d) bfloat16: the training step under CPU autocast to bfloat16 against float32 (same weights,
-    alternating); the test accuracy of the epoch trained in bfloat16 against the one trained in
+(d) bfloat16: the training step under CPU autocast to bfloat16 against float32 (in pairs, as
+    in (b)); the test accuracy of the epoch trained in bfloat16 against the one trained in
     float32 (both evaluated in float32, as every run is); and, to show why evaluation stays in
     float32, on a trained network the SynOps counted per test sample with the forward pass in
     bfloat16 against float32, with the counts' arithmetic in float32 both times.
@@ -45,16 +45,11 @@ from pipeline.model import build_model
 from pipeline.synops import SynOpsCounter
 from pipeline.train import synops_penalty, train, training_precision
 
-# Counter comparisons per round: a step takes milliseconds and its ratio is the noisiest figure on a
-# shared machine (5 rounds of one comparison each read 1.089 where 6 of the same read 1.006).
-COUNTER_REPEATS = 3
-
 
 @dataclass(frozen=True)
 class BenchResult:
     """Median figures over `rounds` alternating rounds (seconds are medians too); each ratio also
-    with the lowest and highest of its per-round values (the counter's: of its comparisons), to
-    show how far it can be trusted."""
+    with the lowest and highest of its per-round values, to show how far it can be trusted."""
 
     speedup_vs_tutorial_loop: float  # in the default precision, `default_precision`
     speedup_range: tuple[float, float]
@@ -165,48 +160,66 @@ def first_point_seconds(study_config: ExperimentConfig) -> float:
         return (done - started).total_seconds()
 
 
-def step_seconds(config: ExperimentConfig, dataset: Dataset, counted: bool, steps: int,
-                 bfloat16: bool = False) -> float:
-    """Mean seconds per training step, with the counter and penalty or without either, the
-    forward pass in float32 or under autocast to bfloat16.
+@dataclass(frozen=True)
+class StepVariant:
+    """One way to run a training step: with the SynOps counter and penalty or without either, the
+    forward pass in float32 or under autocast to bfloat16."""
 
-    Every timed step starts from the same weights: otherwise the variants train apart and their
-    step times differ for reasons that have nothing to do with what is compared.
+    counted: bool
+    bfloat16: bool
+
+
+def paired_step_seconds(config: ExperimentConfig, dataset: Dataset,
+                        variants: tuple[StepVariant, StepVariant],
+                        steps: int) -> tuple[list[float], list[float]]:
+    """Seconds of each of `steps` training steps of both variants, run in pairs on the same batch
+    from the same weights, the order alternating from pair to pair.
+
+    Pairs, not blocks of steps: the load of a shared machine drifts within seconds, and a ratio of
+    two steps taken a few milliseconds apart cancels it (blocks of 40 steps read a counter overhead
+    anywhere from 1.01 to 1.26 in one run). Same weights: otherwise the variants train apart and
+    their step times differ for reasons that have nothing to do with what is compared.
     """
     model = build_model(config.model, dataset.input_shape, dataset.num_classes)
     start = copy.deepcopy(model.state_dict())
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    optimizers = [torch.optim.Adam(model.parameters(), lr=config.train.lr) for _ in variants]
+    counter = SynOpsCounter(model)
     data = list(itertools.islice(
         batches(dataset.train, config.train.batch_size, torch.Generator().manual_seed(0)), steps + 2))
-    timed = 0.0
-    with SynOpsCounter(model) if counted else contextlib.nullcontext() as counter:
-        for i in range(steps + 2):  # the first two steps warm up allocators and fan-out caches
+    seconds: tuple[list[float], list[float]] = ([], [])
+    for i in range(steps + 2):  # the first two pairs warm up allocators and fan-out caches
+        images, labels = data[i % len(data)]
+        for k in (0, 1) if i % 2 else (1, 0):
+            variant = variants[k]
             model.load_state_dict(start)
-            images, labels = data[i % len(data)]
-            started = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            if counted:
-                loss = loss + synops_penalty(counter.total.float(), config.train)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with counter if variant.counted else contextlib.nullcontext():
+                started = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.bfloat16):
+                    logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels)
+                if variant.counted:
+                    loss = loss + synops_penalty(counter.total.float(), config.train)
+                optimizers[k].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[k].step()
+                elapsed = time.perf_counter() - started
             if i >= 2:
-                timed += time.perf_counter() - started
-    return timed / steps
+                seconds[k].append(elapsed)
+    return seconds
 
 
-def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40,
+def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 60,
               study_config: ExperimentConfig | None = None) -> BenchResult:
     """Alternate the loops `rounds` times and return the medians. The speedup compares time per
-    training sample, since our epoch holds the validation split out of the 60k images. The
-    counter's overhead is compared `COUNTER_REPEATS` times a round. With `study_config`, also the
-    time to its study's first point."""
+    training sample, since our epoch holds the validation split out of the 60k images. Each round
+    also times `steps` pairs of steps with and without the counter, and in float32 and bfloat16
+    (`paired_step_seconds`); a round's ratio is the median of its pairs'. With `study_config`,
+    also the time to its study's first point."""
     dataset = load_dataset(config.data)
     default = training_precision("auto", "cpu")
     tutorial, ours, ours_float32, speedups, float32_speedups = [], [], [], [], []
-    with_counter, without, float32, bfloat16 = [], [], [], []
+    reduced = default == "bfloat16"
+    with_counter, without, overheads, bfloat16_speedups = [], [], [], []
     for _ in range(rounds):
         tutorial_s, tutorial_n = tutorial_epoch_seconds(config.data.root, config.train)
         epochs = {precision: our_epoch_seconds(config, dataset, precision)  # alternate the order
@@ -218,17 +231,18 @@ def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40,
         ours_float32.append(float32_s)
         speedups.append((tutorial_s / tutorial_n) / (our_s / our_n))
         float32_speedups.append((tutorial_s / tutorial_n) / (float32_s / our_n))
-        for _ in range(COUNTER_REPEATS):
-            for counted in (True, False) if len(with_counter) % 2 else (False, True):  # alternate order
-                (with_counter if counted else without).append(
-                    step_seconds(config, dataset, counted, steps, bfloat16=default == "bfloat16"))
-        for reduced in (True, False) if len(float32) % 2 else (False, True):
-            (bfloat16 if reduced else float32).append(step_seconds(config, dataset, True, steps, reduced))
+        counted, uncounted = paired_step_seconds(
+            config, dataset, (StepVariant(True, reduced), StepVariant(False, reduced)), steps)
+        overheads.append(statistics.median(c / u for c, u in zip(counted, uncounted, strict=True)))
+        with_counter += counted
+        without += uncounted
+        in_float32, in_bfloat16 = paired_step_seconds(
+            config, dataset, (StepVariant(True, False), StepVariant(True, True)), steps)
+        bfloat16_speedups.append(
+            statistics.median(f / b for f, b in zip(in_float32, in_bfloat16, strict=True)))
     exact, exact_accuracy = per_sample_synops(trained, dataset.test, bfloat16=False)
-    reduced, reduced_accuracy = per_sample_synops(trained, dataset.test, bfloat16=True)
+    approximate, approximate_accuracy = per_sample_synops(trained, dataset.test, bfloat16=True)
     _, float32_trained_accuracy = per_sample_synops(trained_float32, dataset.test, bfloat16=False)
-    overheads = [w / n for w, n in zip(with_counter, without, strict=True)]
-    bfloat16_speedups = [f / b for f, b in zip(float32, bfloat16, strict=True)]
     return BenchResult(
         speedup_vs_tutorial_loop=statistics.median(speedups),
         speedup_range=(min(speedups), max(speedups)),
@@ -246,9 +260,9 @@ def run_bench(config: ExperimentConfig, rounds: int = 3, steps: int = 40,
         bfloat16_step_speedup_range=(min(bfloat16_speedups), max(bfloat16_speedups)),
         bfloat16_training_accuracy_change=(exact_accuracy - float32_trained_accuracy) * 100,
         accuracy_standard_error=math.sqrt(exact_accuracy * (1 - exact_accuracy) / len(dataset.test)) * 100,
-        bfloat16_equal_synops=float((exact == reduced).double().mean()),
-        bfloat16_synops_change=float(reduced.mean() / exact.mean() - 1),
-        bfloat16_accuracy_change=(reduced_accuracy - exact_accuracy) * 100,
+        bfloat16_equal_synops=float((exact == approximate).double().mean()),
+        bfloat16_synops_change=float(approximate.mean() / exact.mean() - 1),
+        bfloat16_accuracy_change=(approximate_accuracy - exact_accuracy) * 100,
         first_point_seconds=first_point_seconds(study_config) if study_config is not None else None,
         rounds=rounds,
         batch_size=config.train.batch_size,

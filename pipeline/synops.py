@@ -81,6 +81,8 @@ class SynOpsCounter:
         self.model = model
         modules = dict(model.named_modules())
         self._layers = {name: modules[name] for name in counted_layer_names(model)}
+        # Read once: hooks run every forward pass, and a layer's connection pattern is fixed.
+        self._geometries = {name: _geometry(layer) for name, layer in self._layers.items()}
         self._per_sample_by_layer: dict[str, torch.Tensor] = {}
         self._mean_by_layer: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -113,7 +115,7 @@ class SynOpsCounter:
         layer's geometry only, so they are shared by every counter of the process (a network is
         evaluated after every epoch, each time with a new counter)."""
         layer = self._layers[name]
-        key = (_geometry(layer), tuple(sample_shape), device, dtype, channels_last)
+        key = (self._geometries[name], tuple(sample_shape), device, dtype, channels_last)
         if key not in _FAN_OUT_MAPS:
             self._probing = True
             try:
@@ -139,10 +141,10 @@ class SynOpsCounter:
             flat = (x.permute(0, 2, 3, 1) if channels_last else x).reshape(x.shape[0], -1)
             # Under autocast the inputs are bfloat16: counted in float32 all the same, while the
             # penalty's gradient goes to the input in its own dtype (no float32 copy to cast back).
+            # `mv` is not on autocast's lower-precision list, so it runs in `dtype` as called.
             dtype = torch.float32 if flat.dtype in REDUCED_PRECISION else flat.dtype
             fan_out = self._fan_out(name, dtype, flat.device, x.shape[1:], channels_last)
-            with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
-                per_sample = flat.to(dtype) @ fan_out
+            per_sample = torch.mv(flat.detach().to(dtype), fan_out)
             mean = _MeanFanOutDot.apply(flat, fan_out, per_sample) if x.requires_grad else per_sample.mean()
             if name in self._mean_by_layer:  # a layer called twice in one forward pass
                 per_sample = per_sample + self._per_sample_by_layer[name]
