@@ -141,10 +141,10 @@ class SynOpsCounter:
             flat = (x.permute(0, 2, 3, 1) if channels_last else x).reshape(x.shape[0], -1)
             # Under autocast the inputs are bfloat16: counted in float32 all the same, while the
             # penalty's gradient goes to the input in its own dtype (no float32 copy to cast back).
-            # `mv` is not on autocast's lower-precision list, so it runs in `dtype` as called.
             dtype = torch.float32 if flat.dtype in REDUCED_PRECISION else flat.dtype
             fan_out = self._fan_out(name, dtype, flat.device, x.shape[1:], channels_last)
-            per_sample = torch.mv(flat.detach().to(dtype), fan_out)
+            with torch.autocast(flat.device.type, enabled=False):  # CUDA autocast would take mv
+                per_sample = torch.mv(flat.detach().to(dtype), fan_out)
             mean = _MeanFanOutDot.apply(flat, fan_out, per_sample) if x.requires_grad else per_sample.mean()
             if name in self._mean_by_layer:  # a layer called twice in one forward pass
                 per_sample = per_sample + self._per_sample_by_layer[name]
